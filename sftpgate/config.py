@@ -1,0 +1,350 @@
+"""Configuration: one object, every setting with its default (SPEC §2).
+
+The YAML file is parsed, `${VAR}` / `${VAR:-default}` are replaced from the environment inside
+string values (never in the raw text, so a password with `#` or `:` cannot break the YAML), and the
+result is checked against the dataclasses below. Every problem is reported as one line that names
+the dotted key, and start-up stops.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+DEFAULT_TEMP_PATTERNS = ("*.tmp", "*.part", "*.partial", "*.filepart", ".*", "*~")
+
+
+class ConfigError(Exception):
+    """The configuration is invalid; `problems` holds one line per problem, each naming its key."""
+
+    def __init__(self, problems: list[str]) -> None:
+        super().__init__("\n".join(problems))
+        self.problems = problems
+
+
+@dataclass(frozen=True)
+class UserConfig:
+    name: str
+    password: str = ""
+    password_hash: str = ""  # from `sftpgate hash-password`
+    # Public key lines, or one path to an authorized_keys file.
+    authorized_keys: tuple[str, ...] = ()
+    immich_api_key: str = ""  # default: immich.api_key
+
+
+@dataclass(frozen=True)
+class SftpConfig:
+    listen: str = "0.0.0.0:2222"
+    host_keys_dir: str = "./keys"
+    users: tuple[UserConfig, ...] = ()
+    temp_patterns: tuple[str, ...] = DEFAULT_TEMP_PATTERNS
+    remember_days: int = 365
+    # Advertised in limits@openssh.com; OpenSSH's own value. Larger writes were slower (notes).
+    max_write_bytes: int = 261_120
+    login_timeout_seconds: float = 60.0
+
+
+@dataclass(frozen=True)
+class ImmichConfig:
+    url: str
+    api_key: str = ""
+    album: str = ""  # "" none, a fixed name, or "{folder}" for the first folder of the client path
+    timeout_seconds: float = 600.0  # Immich flushes the file before it answers
+
+
+@dataclass(frozen=True)
+class JpegConfig:
+    mode: str = "lossless"  # lossless | lossy | keep
+    quality: int = 90  # lossy mode only (JPEG XL quality, 90 = distance 1.0)
+    effort: int = 7
+
+
+@dataclass(frozen=True)
+class PngConfig:
+    mode: str = "lossless"  # lossless | keep
+    effort: int = 7
+
+
+@dataclass(frozen=True)
+class VideoConfig:
+    mode: str = "hevc"  # hevc | av1 | keep
+    crf: int = 28
+    preset: str = "medium"
+    av1_crf: int = 35
+    av1_preset: int = 8
+    # Video that is already HEVC/AV1 under this many bits per pixel per frame passes through.
+    efficient_bits_per_pixel: float = 0.1
+
+
+@dataclass(frozen=True)
+class OptimizeConfig:
+    workers: int = 0  # 0 = one per CPU
+    min_savings: float = 0.05
+    on_error: str = "undone"  # undone | upload-original
+    time_limit_seconds: float = 3600.0
+    max_pixels: int = 250_000_000
+    jpeg: JpegConfig = field(default_factory=JpegConfig)
+    png: PngConfig = field(default_factory=PngConfig)
+    video: VideoConfig = field(default_factory=VideoConfig)
+
+
+@dataclass(frozen=True)
+class RetryConfig:
+    first_delay_seconds: float = 10.0
+    max_delay_seconds: float = 900.0
+    give_up_after: float = 7 * 86400.0  # seconds; "7d", "12h", "30m" are accepted too
+    upload_concurrency: int = 2
+
+
+@dataclass(frozen=True)
+class WatchConfig:
+    settle_seconds: float = 10.0
+    scan_interval_seconds: float = 5.0
+
+
+@dataclass(frozen=True)
+class MetricsConfig:
+    listen: str = "0.0.0.0:9090"  # "" disables the metrics and health endpoint
+
+
+@dataclass(frozen=True)
+class LogConfig:
+    format: str = "text"  # text | json
+    level: str = "info"
+
+
+@dataclass(frozen=True)
+class Config:
+    immich: ImmichConfig
+    data_dir: str = "./data"
+    timezone: str = ""  # IANA name for EXIF dates without offset; "" = the server's zone (TZ)
+    sftp: SftpConfig = field(default_factory=SftpConfig)
+    optimize: OptimizeConfig = field(default_factory=OptimizeConfig)
+    retry: RetryConfig = field(default_factory=RetryConfig)
+    watch: WatchConfig = field(default_factory=WatchConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+    # Directory of the config file; relative paths in the file are relative to it.
+    base_dir: str = field(default=".", metadata={"internal": True})
+
+    def path(self, value: str) -> Path:
+        """Resolve a path from the config file relative to the file's own folder."""
+        p = Path(value).expanduser()
+        return p if p.is_absolute() else (Path(self.base_dir) / p).resolve()
+
+    @property
+    def data_path(self) -> Path:
+        return self.path(self.data_dir)
+
+    def api_key_for(self, user: str) -> str:
+        for u in self.sftp.users:
+            if u.name == user and u.immich_api_key:
+                return u.immich_api_key
+        return self.immich.api_key
+
+
+CHOICES: dict[str, tuple[str, ...]] = {
+    "optimize.jpeg.mode": ("lossless", "lossy", "keep"),
+    "optimize.png.mode": ("lossless", "keep"),
+    "optimize.video.mode": ("hevc", "av1", "keep"),
+    "optimize.on_error": ("undone", "upload-original"),
+    "log.format": ("text", "json"),
+    "log.level": ("debug", "info", "warning", "error"),
+}
+
+_VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhd]?)\s*$")
+_DURATION_UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def _interpolate(value: str, key: str, problems: list[str], env: typing.Mapping[str, str]) -> str:
+    def replace(m: re.Match[str]) -> str:
+        name, default = m.group(1), m.group(2)
+        if name in env and (env[name] or default is None):
+            return env[name]
+        if default is not None:
+            return default
+        problems.append(f"{key}: environment variable {name} is not set")
+        return ""
+
+    return _VAR.sub(replace, value)
+
+
+def _convert(
+    value: Any, tp: Any, key: str, problems: list[str], env: typing.Mapping[str, str]
+) -> Any:
+    """Check and convert one YAML value to the annotated type; report problems by key."""
+    origin = typing.get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            problems.append(f"{key or 'config'}: expected a mapping, got {type(value).__name__}")
+            return None
+        return _build(tp, value, key, problems, env)
+    if origin is tuple:
+        (item_tp, _) = typing.get_args(tp)
+        if isinstance(value, str) and item_tp is str:
+            value = [value]
+        if not isinstance(value, list):
+            problems.append(f"{key}: expected a list, got {type(value).__name__}")
+            return ()
+        return tuple(
+            _convert(v, item_tp, f"{key}[{i}]", problems, env) for i, v in enumerate(value)
+        )
+    if origin in (types.UnionType, typing.Union):  # pragma: no cover - no unions today
+        raise TypeError(tp)
+    if isinstance(value, str):
+        value = _interpolate(value, key, problems, env)
+    if tp is str:
+        if isinstance(value, bool) or value is None or isinstance(value, (dict, list)):
+            problems.append(f"{key}: expected a string, got {type(value).__name__}")
+            return ""
+        return str(value)
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no", "1", "0"):
+            return value.lower() in ("true", "yes", "1")
+        problems.append(f"{key}: expected true or false, got {value!r}")
+        return False
+    if tp in (int, float):
+        if isinstance(value, bool):
+            problems.append(f"{key}: expected a number, got {value!r}")
+            return tp(0)
+        if isinstance(value, (int, float)) and (tp is float or float(value).is_integer()):
+            return tp(value)
+        if isinstance(value, str):
+            m = _DURATION.match(value)
+            if m and (tp is float or m.group(2) == ""):
+                number = float(m.group(1)) * _DURATION_UNITS[m.group(2)]
+                if tp is float or number.is_integer():
+                    return tp(number)
+        what = "a number or a duration like 30s, 10m, 12h, 7d" if tp is float else "a whole number"
+        problems.append(f"{key}: expected {what}, got {value!r}")
+        return tp(0)
+    raise TypeError(f"unsupported config type {tp} at {key}")  # pragma: no cover
+
+
+def _build(
+    cls: type, data: dict[str, Any], prefix: str, problems: list[str], env: typing.Mapping[str, str]
+) -> Any:
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls) if not f.metadata.get("internal")}
+    kwargs: dict[str, Any] = {}
+    for name, value in data.items():
+        key = f"{prefix}.{name}" if prefix else str(name)
+        if name not in fields:
+            problems.append(f"{key}: unknown key")
+            continue
+        if value is None:
+            problems.append(f"{key}: has no value")
+            continue
+        kwargs[name] = _convert(value, hints[name], key, problems, env)
+    for name, f in fields.items():
+        if (
+            name not in kwargs
+            and f.default is dataclasses.MISSING
+            and f.default_factory is dataclasses.MISSING
+        ):
+            key = f"{prefix}.{name}" if prefix else name
+            if name not in data:
+                problems.append(f"{key}: required but missing")
+            kwargs[name] = "" if hints[name] is str else None
+    try:
+        return cls(**kwargs)
+    except TypeError as exc:  # only reached when a nested mapping was already reported
+        problems.append(f"{prefix or 'config'}: {exc}")
+        return None
+
+
+def _check(cfg: Config, problems: list[str]) -> None:
+    """Rules that span keys or values."""
+    for key, allowed in CHOICES.items():
+        obj: Any = cfg
+        for part in key.split("."):
+            obj = getattr(obj, part)
+        if obj not in allowed:
+            problems.append(f"{key}: must be one of {', '.join(allowed)}, got {obj!r}")
+    if not cfg.immich.url.startswith(("http://", "https://")):
+        problems.append(f"immich.url: must start with http:// or https://, got {cfg.immich.url!r}")
+    for key in ("sftp.listen", "metrics.listen"):
+        value = cfg.sftp.listen if key == "sftp.listen" else cfg.metrics.listen
+        if key == "metrics.listen" and value == "":
+            continue
+        try:
+            parse_listen(value)
+        except ValueError as exc:
+            problems.append(f"{key}: {exc}")
+    if not cfg.sftp.users:
+        problems.append("sftp.users: at least one user is required")
+    seen: set[str] = set()
+    for i, u in enumerate(cfg.sftp.users):
+        key = f"sftp.users[{i}]"
+        if not re.fullmatch(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}", u.name):
+            problems.append(
+                f"{key}.name: {u.name!r} is not a valid user name (letters, digits, _ . -)"
+            )
+        if u.name == "undone":
+            problems.append(f"{key}.name: 'undone' is reserved for the undone/ folder")
+        if u.name in seen:
+            problems.append(f"{key}.name: duplicate user {u.name!r}")
+        seen.add(u.name)
+        if not (u.password or u.password_hash or u.authorized_keys):
+            problems.append(f"{key}: needs password, password_hash or authorized_keys")
+        if not (u.immich_api_key or cfg.immich.api_key):
+            problems.append(f"{key}.immich_api_key: missing, and immich.api_key is not set either")
+    if not 0 <= cfg.optimize.min_savings < 1:
+        problems.append("optimize.min_savings: must be between 0 and 1 (0.05 = 5%)")
+    if cfg.optimize.workers < 0:
+        problems.append("optimize.workers: must be 0 (one per CPU) or more")
+    if cfg.timezone:
+        import zoneinfo
+
+        try:
+            zoneinfo.ZoneInfo(cfg.timezone)
+        except (zoneinfo.ZoneInfoNotFoundError, ValueError):
+            problems.append(f"timezone: unknown time zone {cfg.timezone!r}")
+
+
+def parse_listen(value: str) -> tuple[str, int]:
+    """Parse HOST:PORT (IPv6 as [::1]:2222)."""
+    host, sep, port = value.rpartition(":")
+    if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ValueError(f"expected HOST:PORT, got {value!r}")
+    return host.strip("[]") or "0.0.0.0", int(port)
+
+
+def load_config(path: str | Path, env: typing.Mapping[str, str] | None = None) -> Config:
+    """Read, interpolate and check the config file; raise ConfigError listing every problem."""
+    path = Path(path)
+    env = os.environ if env is None else env
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise ConfigError([f"config: cannot read {path}: {exc.strerror}"]) from exc
+    except yaml.YAMLError as exc:
+        raise ConfigError([f"config: {path} is not valid YAML: {exc}".replace("\n", " ")]) from exc
+    if not isinstance(data, dict):
+        raise ConfigError([f"config: {path} must hold a mapping of keys"])
+    return config_from_dict(data, base_dir=path.resolve().parent, env=env)
+
+
+def config_from_dict(
+    data: dict[str, Any], base_dir: Path, env: typing.Mapping[str, str] | None = None
+) -> Config:
+    problems: list[str] = []
+    env = os.environ if env is None else env
+    cfg = _build(Config, data, "", problems, env)
+    if cfg is not None and not problems:
+        cfg = dataclasses.replace(cfg, base_dir=str(base_dir))
+        _check(cfg, problems)
+    if problems:
+        raise ConfigError(problems)
+    return cfg

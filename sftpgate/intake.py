@@ -1,0 +1,254 @@
+"""Intake: finished uploads enter the watched folder and the ledger here.
+
+Two doors lead in: the SFTP server hands over a closed upload (`finalize_upload`), and the folder
+scan adopts files that reached `watch/<user>/` some other way or while the service was down
+(`scan_watch`). Both end in `_admit`: a photo whose bytes this user already delivered is recorded
+as a duplicate and not sent again; anything else is recorded as queued and the pipeline is woken.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import fnmatch
+import hashlib
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from .layout import Layout, move_durably, unlink_if_same
+from .ledger import LedgerThread, Remembered
+from .logs import event
+from .metrics import Metrics
+
+_HASH_CHUNK = 1 << 20
+
+
+def sha1_of_file(path: Path) -> str:
+    h = hashlib.sha1()
+    with path.open("rb") as f:
+        while chunk := f.read(_HASH_CHUNK):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+@dataclass(frozen=True)
+class Upload:
+    """A closed upload, still in .staging/: where it goes and what the client told us about it."""
+
+    user: str
+    path: str  # the client's path below its root, POSIX, no leading /
+    staged: Path
+    size: int
+    sha1: str | None  # None when the writes were not sequential (the hash is then computed here)
+    mtime: float | None  # the client's mtime (open attrs or fsetstat), else None
+
+
+class Intake:
+    def __init__(
+        self,
+        layout: Layout,
+        db: LedgerThread,
+        metrics: Metrics,
+        users: list[str],
+        temp_patterns: tuple[str, ...],
+        remember_days: int,
+        settle_seconds: float,
+        wake: Callable[[], None],
+    ) -> None:
+        self.layout = layout
+        self.db = db
+        self.metrics = metrics
+        self.users = users
+        self.temp_patterns = temp_patterns
+        self.remember_seconds = remember_days * 86400.0
+        self.settle_seconds = settle_seconds
+        self.wake = wake
+        # path -> (size, mtime_ns) at the previous scan: a file must look the same twice to settle.
+        self._seen: dict[Path, tuple[int, int]] = {}
+
+    def is_temporary(self, path: str) -> bool:
+        """A temporary name is not queued until it is renamed to a final one (SPEC §3)."""
+        name = path.rsplit("/", 1)[-1]
+        return any(fnmatch.fnmatchcase(name, p) for p in self.temp_patterns) or any(
+            part.startswith(".") for part in path.split("/")
+        )
+
+    # -- from the SFTP server -----------------------------------------------------------------
+
+    async def finalize_upload(self, up: Upload) -> None:
+        """Move a closed upload from .staging/ into watch/ and record it (SPEC §1, §3)."""
+        loop = asyncio.get_running_loop()
+        sha1 = up.sha1 or await loop.run_in_executor(None, sha1_of_file, up.staged)
+        mtime = up.mtime if up.mtime is not None else time.time()
+        # The file carries the client's mtime, so a rescan after a crash between the rename and
+        # the ledger insert below still knows it.
+        os.utime(up.staged, (mtime, mtime))
+        target = self.layout.watch_file(up.user, up.path)
+        previous = await self.db(lambda db: db.active_for_path(up.user, up.path))
+        await loop.run_in_executor(None, move_durably, up.staged, target)
+        inode = target.stat().st_ino
+        if previous is not None and previous.state in ("received", "queued"):
+            # Overwritten before any work started: the newer bytes are the ones to deliver.
+            await self.db(lambda db: db.delete(previous.id))
+        if self.is_temporary(up.path):
+            await self.db(
+                lambda db: db.insert(
+                    user=up.user,
+                    path=up.path,
+                    state="received",
+                    sha1=sha1,
+                    size=up.size,
+                    mtime=mtime,
+                    inode=inode,
+                )
+            )
+            event(
+                "received", user=up.user, path=up.path, size=up.size, outcome="waiting for rename"
+            )
+            return
+        await self._admit(up.user, up.path, target, sha1, up.size, mtime, inode)
+
+    async def renamed(self, user: str, old: str, new: str) -> None:
+        """The SFTP layer renamed a file inside watch/: follow it, and finish a temporary upload."""
+        row = await self.db(lambda db: db.active_for_path(user, old))
+        if row is None:
+            await self.db(lambda db: db.rename_remembered(user, old, new))
+            return
+        await self.db(lambda db: db.update(row.id, path=new))
+        if row.state == "received" and not self.is_temporary(new):
+            target = self.layout.watch_file(user, new)
+            await self.db(lambda db: db.delete(row.id))
+            await self._admit(user, new, target, row.sha1, row.size, row.mtime, row.inode)
+
+    async def set_mtime(self, user: str, path: str, mtime: float) -> bool:
+        return await self.db(lambda db: db.set_mtime(user, path, mtime))
+
+    async def removed(self, user: str, path: str) -> None:
+        """The client removed a file that was still waiting in watch/: nothing left to deliver."""
+        row = await self.db(lambda db: db.active_for_path(user, path))
+        if row is not None and row.state in ("received", "queued"):
+            await self.db(lambda db: db.delete(row.id))
+            event("removed", user=user, path=path, outcome="removed by the client before delivery")
+
+    async def forget(self, user: str, path: str) -> bool:
+        return await self.db(lambda db: db.forget(user, path))
+
+    async def remembered(self, user: str, path: str) -> Remembered | None:
+        since = time.time() - self.remember_seconds
+        return await self.db(lambda db: db.remembered(user, path, since))
+
+    async def remembered_in_dir(
+        self, user: str, directory: str
+    ) -> tuple[dict[str, Remembered], set[str]]:
+        since = time.time() - self.remember_seconds
+        files = await self.db(lambda db: db.remembered_in_dir(user, directory, since))
+        dirs = await self.db(lambda db: db.remembered_dirs(user, directory, since))
+        return files, dirs
+
+    # -- shared -------------------------------------------------------------------------------
+
+    async def _admit(
+        self,
+        user: str,
+        path: str,
+        target: Path,
+        sha1: str,
+        size: int,
+        mtime: float,
+        inode: int | None,
+    ) -> None:
+        self.metrics.received_files.inc()
+        self.metrics.received_bytes.inc(size)
+        earlier = await self.db(lambda db: db.delivered_with_sha1(user, sha1))
+        if earlier is not None:
+            # Same bytes as a photo this user already delivered (reinstalled phone, reset sync
+            # database, renamed file): remember it for listings, send nothing.
+            await self.db(
+                lambda db: db.insert(
+                    user=user,
+                    path=path,
+                    state="done",
+                    outcome="duplicate",
+                    sha1=sha1,
+                    size=size,
+                    mtime=mtime,
+                    inode=None,
+                    asset_id=earlier.asset_id,
+                    reason=f"same bytes as {earlier.path}, already delivered",
+                )
+            )
+            await asyncio.get_running_loop().run_in_executor(None, unlink_if_same, target, inode)
+            self.metrics.processed_files.labels(outcome="duplicate").inc()
+            event("duplicate", user=user, path=path, outcome="duplicate", same_as=earlier.path)
+            return
+        await self.db(
+            lambda db: db.insert(
+                user=user, path=path, state="queued", sha1=sha1, size=size, mtime=mtime, inode=inode
+            )
+        )
+        event("queued", user=user, path=path, size=size)
+        self.wake()
+
+    # -- the folder scan ----------------------------------------------------------------------
+
+    async def scan_watch(self, settle: bool = True) -> int:
+        """Adopt complete files in watch/ that the ledger does not know; return how many.
+
+        With `settle`, a file is adopted only once its size and mtime were the same at two scans
+        at least `settle_seconds` apart from its last change, so a file still being copied in by
+        Samba or `cp` is never taken half-written.
+        """
+        loop = asyncio.get_running_loop()
+        candidates = await loop.run_in_executor(None, self._walk_watch)
+        adopted = 0
+        now = time.time()
+        seen: dict[Path, tuple[int, int]] = {}
+        for user, path, full, st in candidates:
+            if await self.db(lambda db, u=user, p=path: db.active_for_path(u, p)) is not None:
+                continue
+            key = (st.st_size, st.st_mtime_ns)
+            if settle:
+                seen[full] = key
+                if self._seen.get(full) != key or now - st.st_mtime < self.settle_seconds:
+                    continue
+            if user not in self.users:
+                continue
+            if full.parent == self.layout.watch:  # a file dropped directly into watch/
+                target = self.layout.watch_file(user, path)
+                if target.exists():
+                    continue
+                await loop.run_in_executor(None, move_durably, full, target)
+                full = target
+            sha1 = await loop.run_in_executor(None, sha1_of_file, full)
+            st2 = full.stat()
+            if (st2.st_size, st2.st_mtime_ns) != key:
+                continue  # changed while hashing: next scan
+            event("adopted", user=user, path=path, size=st.st_size)
+            await self._admit(user, path, full, sha1, st.st_size, st.st_mtime, st.st_ino)
+            adopted += 1
+        self._seen = seen
+        return adopted
+
+    def _walk_watch(self) -> list[tuple[str, str, Path, os.stat_result]]:
+        out: list[tuple[str, str, Path, os.stat_result]] = []
+        watch = self.layout.watch
+        default_user = self.users[0]
+        for entry in os.scandir(watch):
+            if entry.name.startswith(".") or entry.name == "undone":
+                continue
+            if entry.is_file(follow_symlinks=False):
+                out.append(
+                    (default_user, entry.name, Path(entry.path), entry.stat(follow_symlinks=False))
+                )
+            elif entry.is_dir(follow_symlinks=False):
+                for dirpath, dirnames, filenames in os.walk(entry.path):
+                    dirnames[:] = [d for d in dirnames if not d.startswith(".")]
+                    for name in filenames:
+                        full = Path(dirpath) / name
+                        rel = full.relative_to(entry.path).as_posix()
+                        if self.is_temporary(rel) or full.is_symlink():
+                            continue
+                        out.append((entry.name, rel, full, full.stat()))
+        return out

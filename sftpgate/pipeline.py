@@ -1,0 +1,458 @@
+"""The pipeline: queued originals → optimizer (worker processes) → Immich → cleanup.
+
+The ledger is the queue. The dispatcher takes due rows oldest first and runs each through
+`_deliver`; optimizing is bounded by the worker pool, uploading by `retry.upload_concurrency`, so
+the two stages overlap. Each step commits its state before acting (see ledger.py), which makes
+`recover()` after a crash a matter of finishing what each row says it was doing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import random
+import time
+from datetime import datetime, tzinfo
+from pathlib import Path, PurePosixPath
+from zoneinfo import ZoneInfo
+
+from .config import Config
+from .immich.client import ImmichClient, PermanentImmichError, TransientImmichError
+from .intake import sha1_of_file
+from .layout import Layout, fsync_dir, move_durably, unlink_if_same
+from .ledger import LedgerThread, Original
+from .logs import event
+from .metrics import Metrics
+from .optimize import OptimizeResult, optimize_file
+from .workers import CodecPool, CodecWorkerError
+
+PING_INTERVAL_SECONDS = 5.0
+
+
+class Pipeline:
+    def __init__(
+        self,
+        config: Config,
+        layout: Layout,
+        db: LedgerThread,
+        pool: CodecPool,
+        immich: ImmichClient,
+        metrics: Metrics,
+    ) -> None:
+        self.config = config
+        self.layout = layout
+        self.db = db
+        self.pool = pool
+        self.immich = immich
+        self.metrics = metrics
+        # None: the server's local zone, with the right DST offset for each moment.
+        self.tz: tzinfo | None = ZoneInfo(config.timezone) if config.timezone else None
+        self._wakeup = asyncio.Event()
+        self._immich_up = asyncio.Event()
+        self._upload_slots = asyncio.Semaphore(config.retry.upload_concurrency)
+        self._in_flight: dict[int, asyncio.Task[None]] = {}
+        self._albums: dict[tuple[str, str], str] = {}
+        self._stopping = False
+
+    # -- lifecycle ----------------------------------------------------------------------------
+
+    def wake(self) -> None:
+        self._wakeup.set()
+
+    async def recover(self) -> None:
+        """Finish what a crash interrupted; every branch is safe to run twice."""
+        for row in await self.db(lambda db: db.unfinished()):
+            watch_file = self.layout.watch_file(row.user, row.path)
+            if row.state == "uploading" and row.asset_id:
+                await self._finish_done(row)  # Immich confirmed before the crash
+            elif row.state == "received":
+                if not watch_file.exists():
+                    await self.db(lambda db, r=row: db.delete(r.id))
+            elif not _same_file(watch_file, row.inode) and not _work_ready(row):
+                if row.undone_path and _same_file(Path(row.undone_path), row.inode):
+                    # The move to undone/ happened, its commit did not.
+                    await self.db(
+                        lambda db, r=row: db.update(r.id, state="undone", outcome="undone")
+                    )
+                else:
+                    await self.db(lambda db, r=row: db.delete(r.id))
+                    event(
+                        "lost",
+                        level=30,
+                        user=row.user,
+                        path=row.path,
+                        outcome="original vanished from watch/",
+                    )
+            elif row.state in ("optimizing", "uploading"):
+                await self.db(lambda db, r=row: db.update(r.id, state="queued"))
+        # Optimized files nobody waits for any more (their row finished or was removed).
+        wanted = {r.work_path for r in await self.db(lambda db: db.unfinished()) if r.work_path}
+        for leftover in self.layout.work.iterdir():
+            if str(leftover) not in wanted:
+                leftover.unlink(missing_ok=True)
+        await self.refresh_gauges()
+
+    async def run(self) -> None:
+        """Dispatch due originals until stopped."""
+        watcher = asyncio.create_task(self._watch_immich())
+        capacity = self.pool.size + self.config.retry.upload_concurrency
+        try:
+            while not self._stopping:
+                self._wakeup.clear()
+                free = capacity - len(self._in_flight)
+                if free > 0:
+                    now = time.time()
+                    rows = await self.db(
+                        lambda db, n=now, f=free: db.due(n, f, list(self._in_flight))
+                    )
+                    for row in rows:
+                        task = asyncio.create_task(self._deliver(row))
+                        self._in_flight[row.id] = task
+                        task.add_done_callback(lambda _, rid=row.id: self._task_done(rid))
+                next_due = await self.db(lambda db: db.next_due_time())
+                timeout = 60.0 if next_due is None else max(0.05, next_due - time.time())
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._wakeup.wait(), min(timeout, 60.0))
+        finally:
+            watcher.cancel()
+
+    def _task_done(self, row_id: int) -> None:
+        self._in_flight.pop(row_id, None)
+        self._wakeup.set()
+
+    async def stop(self, grace_seconds: float = 5.0) -> None:
+        """Stop taking work; give uploads in flight a moment, then park the rest (SPEC §6)."""
+        self._stopping = True
+        self._wakeup.set()
+        tasks = list(self._in_flight.values())
+        if tasks:
+            _, pending = await asyncio.wait(tasks, timeout=grace_seconds)
+            for task in pending:
+                task.cancel()
+            await asyncio.gather(*pending, return_exceptions=True)
+
+    async def idle(self) -> bool:
+        counts = await self.db(lambda db: db.count_by_state())
+        return not any(counts.get(s, 0) for s in ("queued", "optimizing", "uploading"))
+
+    async def refresh_gauges(self) -> None:
+        counts = await self.db(lambda db: db.count_by_state())
+        self.metrics.queue_files.set(
+            sum(counts.get(s, 0) for s in ("queued", "optimizing", "uploading"))
+        )
+        self.metrics.undone_files.set(counts.get("undone", 0))
+
+    async def _watch_immich(self) -> None:
+        """Pause uploads while Immich does not answer its ping; resume by itself (SPEC §6)."""
+        while True:
+            up = await self.immich.ping()
+            self.metrics.immich_up.set(1 if up else 0)
+            if up and not self._immich_up.is_set():
+                self._immich_up.set()
+                event("immich up", outcome="uploads resume")
+            elif not up and self._immich_up.is_set():
+                self._immich_up.clear()
+                event("immich down", level=30, outcome="uploads paused")
+            elif not up and not self._immich_up.is_set():
+                self.metrics.immich_up.set(0)
+            await asyncio.sleep(PING_INTERVAL_SECONDS)  # a polling interval, not synchronisation
+
+    # -- one original -------------------------------------------------------------------------
+
+    async def _deliver(self, row: Original) -> None:
+        try:
+            await self.refresh_gauges()
+            if not (row.upload_sha1 and _work_ready(row)):
+                row = await self._optimize(row)
+                if row.state == "undone":
+                    return
+            await self._upload(row)
+        except asyncio.CancelledError:
+            # Parked by a shutdown: the row says what to redo at the next start.
+            await asyncio.shield(self.db(lambda db: db.update(row.id, state="queued")))
+            raise
+        except Exception as exc:  # a bug must cost one file a retry, never the dispatcher
+            event("internal error", level=40, user=row.user, path=row.path, error=repr(exc))
+            await self._retry_later(row, "internal", f"internal error: {exc!r}")
+        finally:
+            with contextlib.suppress(Exception):
+                await self.refresh_gauges()
+
+    async def _optimize(self, row: Original) -> Original:
+        src = self.layout.watch_file(row.user, row.path)
+        await self.db(
+            lambda db: db.update(row.id, state="optimizing", upload_sha1=None, work_path=None)
+        )
+        started = time.monotonic()
+        try:
+            result: OptimizeResult = await self.pool.run(
+                optimize_file,
+                src,
+                self.layout.work,
+                self.config.optimize,
+                self.config.timezone,
+                timeout=self.config.optimize.time_limit_seconds,
+            )
+        except CodecWorkerError as exc:
+            result = _unreadable(row, str(exc))
+        self.metrics.stage_duration.labels(stage="optimize").observe(time.monotonic() - started)
+
+        if result.decision == "unreadable" and self.config.optimize.on_error != "upload-original":
+            await self._undone(row, "optimize", result.reason, kind=result.kind)
+            return await self._reload(row)
+        if result.decision == "converted" and result.output:
+            send = Path(result.output)
+            upload_sha1 = await asyncio.get_running_loop().run_in_executor(None, sha1_of_file, send)
+            name = str(
+                PurePosixPath(PurePosixPath(row.path).name).with_suffix(result.extension or "")
+            )
+            work_path: str | None = str(send)
+        else:
+            upload_sha1, name, work_path = row.sha1, PurePosixPath(row.path).name, None
+        captured = result.captured_at.isoformat() if result.captured_at else None
+        await self.db(
+            lambda db: db.update(
+                row.id,
+                state="uploading",
+                kind=result.kind,
+                reason=result.reason,
+                work_path=work_path,
+                upload_name=name,
+                upload_sha1=upload_sha1,
+                bytes_out=result.bytes_out if work_path else row.size,
+                captured_at=captured,
+            )
+        )
+        event(
+            "optimized",
+            user=row.user,
+            path=row.path,
+            kind=result.kind,
+            outcome=result.decision,
+            reason=result.reason,
+            bytes_in=result.bytes_in,
+            bytes_out=result.bytes_out,
+            seconds=round(result.seconds, 3),
+        )
+        return await self._reload(row)
+
+    async def _upload(self, row: Original) -> None:
+        send = Path(row.work_path) if row.work_path else self.layout.watch_file(row.user, row.path)
+        if row.state != "uploading":
+            await self.db(lambda db: db.update(row.id, state="uploading"))
+        await self._immich_up.wait()
+        modified = _aware(row.mtime, self.tz)
+        created = datetime.fromisoformat(row.captured_at) if row.captured_at else modified
+        started = time.monotonic()
+        async with self._upload_slots:
+            try:
+                outcome = await self.immich.upload_asset(
+                    send,
+                    api_key=self.config.api_key_for(row.user),
+                    filename=row.upload_name or PurePosixPath(row.path).name,
+                    created_at=created,
+                    modified_at=modified,
+                    checksum=row.upload_sha1 or row.sha1,
+                )
+            except TransientImmichError as exc:
+                if not await self.immich.ping():
+                    self._immich_up.clear()  # pause every upload until the watcher sees Immich back
+                await self._retry_later(row, "upload", str(exc), getattr(exc, "retry_after", None))
+                return
+            except PermanentImmichError as exc:
+                await self._undone(row, "upload", str(exc))
+                return
+        self.metrics.stage_duration.labels(stage="upload").observe(time.monotonic() - started)
+        # The asset id is committed before anything is deleted.
+        await self.db(lambda db: db.update(row.id, asset_id=outcome.asset_id))
+        await self._add_to_album(row, outcome.asset_id)
+        await self._finish_done(await self._reload(row), immich_status=outcome.status)
+
+    async def _finish_done(self, row: Original, immich_status: str | None = None) -> None:
+        loop = asyncio.get_running_loop()
+        outcome = "uploaded" if row.work_path else "kept"
+        await loop.run_in_executor(
+            None, unlink_if_same, self.layout.watch_file(row.user, row.path), row.inode
+        )
+        if row.work_path:
+            Path(row.work_path).unlink(missing_ok=True)
+        await self.db(lambda db: db.update(row.id, state="done", outcome=outcome, work_path=None))
+        self.metrics.processed_files.labels(outcome=outcome).inc()
+        self.metrics.original_bytes.inc(row.size)
+        self.metrics.stored_bytes.inc(row.bytes_out or row.size)
+        event(
+            "delivered",
+            user=row.user,
+            path=row.path,
+            outcome=outcome,
+            asset=row.asset_id,
+            immich=immich_status,
+            bytes_in=row.size,
+            bytes_out=row.bytes_out,
+        )
+
+    async def _add_to_album(self, row: Original, asset_id: str) -> None:
+        template = self.config.immich.album
+        parts = PurePosixPath(row.path).parts
+        if not template or ("{folder}" in template and len(parts) < 2):
+            return
+        name = template.replace("{folder}", parts[0])
+        api_key = self.config.api_key_for(row.user)
+        try:
+            album_id = self._albums.get((api_key, name))
+            if album_id is None:
+                album_id = await self.immich.find_or_create_album(api_key, name)
+                self._albums[(api_key, name)] = album_id
+            await self.immich.add_to_album(api_key, album_id, [asset_id])
+        except (TransientImmichError, PermanentImmichError) as exc:
+            # The photo is in Immich; a missing album entry is not worth a second upload.
+            event(
+                "album failed", level=30, user=row.user, path=row.path, album=name, error=str(exc)
+            )
+
+    async def _retry_later(
+        self, row: Original, stage: str, reason: str, retry_after: float | None = None
+    ) -> None:
+        now = time.time()
+        first = row.first_failure_at or now
+        if now - first >= self.config.retry.give_up_after:
+            await self._undone(row, stage, f"gave up after {row.attempts + 1} attempts: {reason}")
+            return
+        r = self.config.retry
+        delay = min(r.max_delay_seconds, r.first_delay_seconds * 2**row.attempts)
+        delay = max(retry_after or 0.0, delay * random.uniform(0.5, 1.5))
+        await self.db(
+            lambda db: db.update(
+                row.id,
+                state="queued",
+                attempts=row.attempts + 1,
+                first_failure_at=first,
+                next_attempt_at=now + delay,
+                stage=stage,
+                reason=reason,
+            )
+        )
+        self.metrics.retries.inc()
+        event(
+            "retry later",
+            level=30,
+            user=row.user,
+            path=row.path,
+            stage=stage,
+            reason=reason,
+            in_seconds=round(delay, 1),
+        )
+
+    async def _undone(
+        self, row: Original, stage: str, reason: str, kind: str | None = None
+    ) -> None:
+        """Keep the original in watch/undone/<user>/ with a sidecar a person can act on."""
+        loop = asyncio.get_running_loop()
+        src = self.layout.watch_file(row.user, row.path)
+        dst = _free_name(self.layout.undone_file(row.user, row.path))
+        # Where it goes is committed first, so recovery can tell a finished move from a lost file.
+        await self.db(lambda db: db.update(row.id, undone_path=str(dst)))
+        sidecar = {
+            "stage": stage,
+            "reason": reason,
+            "time": _aware(time.time(), self.tz).isoformat(timespec="seconds"),
+            "attempts": row.attempts + 1,
+            "user": row.user,
+            "path": row.path,
+            "kind": kind or row.kind,
+            "size": row.size,
+            "sha1": row.sha1,
+        }
+        await loop.run_in_executor(None, _write_sidecar, dst, sidecar)
+        if _same_file(src, row.inode):
+            await loop.run_in_executor(None, move_durably, src, dst)
+        if row.work_path:
+            Path(row.work_path).unlink(missing_ok=True)
+        await self.db(
+            lambda db: db.update(
+                row.id,
+                state="undone",
+                outcome="undone",
+                stage=stage,
+                reason=reason,
+                kind=kind or row.kind,
+                attempts=row.attempts + 1,
+                work_path=None,
+            )
+        )
+        self.metrics.processed_files.labels(outcome="undone").inc()
+        event(
+            "undone",
+            level=30,
+            user=row.user,
+            path=row.path,
+            stage=stage,
+            outcome="undone",
+            reason=reason,
+            kept_in=str(dst),
+        )
+
+    async def _reload(self, row: Original) -> Original:
+        fresh = await self.db(lambda db: db.get(row.id))
+        assert fresh is not None
+        return fresh
+
+
+def _unreadable(row: Original, reason: str) -> OptimizeResult:
+    return OptimizeResult(
+        kind=row.kind or "unknown",
+        decision="unreadable",
+        reason=reason,
+        output=None,
+        extension=None,
+        bytes_in=row.size,
+        bytes_out=row.size,
+        captured_at=None,
+        metadata_kept=(),
+        seconds=0.0,
+    )
+
+
+def _same_file(path: Path, inode: int | None) -> bool:
+    try:
+        return inode is None or path.stat().st_ino == inode
+    except FileNotFoundError:
+        return False
+
+
+def _work_ready(row: Original) -> bool:
+    """The bytes to upload are fixed: either the original itself or an optimized file on disk."""
+    return row.upload_sha1 is not None and (row.work_path is None or Path(row.work_path).is_file())
+
+
+def _free_name(path: Path) -> Path:
+    """undone/ never overwrites: a second failure of the same name gets ' (2)', ' (3)', ..."""
+    candidate, n = path, 2
+    while candidate.exists() or candidate.with_name(candidate.name + ".error.json").exists():
+        candidate = path.with_name(f"{path.stem} ({n}){path.suffix}")
+        n += 1
+    return candidate
+
+
+def _write_sidecar(original: Path, doc: dict[str, object]) -> None:
+    target = original.with_name(original.name + ".error.json")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(f".{target.name}.tmp")
+    with tmp.open("w", encoding="utf-8") as f:
+        json.dump(doc, f, indent=2, ensure_ascii=False)
+        f.write("\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, target)
+    fsync_dir(target.parent)
+
+
+def _aware(timestamp: float, tz: tzinfo | None) -> datetime:
+    """Immich needs an offset on every date (v3 rejects naive ones)."""
+    return (
+        datetime.fromtimestamp(timestamp, tz)
+        if tz
+        else datetime.fromtimestamp(timestamp).astimezone()
+    )

@@ -1,0 +1,141 @@
+"""The service lifecycle: start every stage, serve, shut down cleanly.
+
+Start order follows the data: ledger (and crash recovery) → codec workers → Immich client →
+pipeline → intake rescan of watch/ → SFTP listener → metrics. Shutdown runs the other way, so no
+upload is accepted that nothing will process, and work in flight is parked in the ledger.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import time
+
+from aiohttp import web
+
+from .config import Config, parse_listen
+from .immich.client import ImmichClient
+from .intake import Intake
+from .layout import Layout
+from .ledger import Ledger, LedgerThread
+from .logs import event
+from .metrics import Metrics, health_app
+from .pipeline import Pipeline
+from .sftp.server import SftpGateway
+from .workers import CodecPool
+
+STALE_PART_SECONDS = 86400.0
+
+
+class Service:
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self.layout = Layout(config.data_path)
+        self.metrics = Metrics()
+        self._tasks: list[asyncio.Task[None]] = []
+        self._metrics_runner: web.AppRunner | None = None
+        self.metrics_port: int | None = None
+
+    async def start(self) -> None:
+        cfg = self.config
+        users = [u.name for u in cfg.sftp.users]
+        self.layout.ensure(users)
+        _remove_stale_parts(self.layout)
+        self.db = LedgerThread(Ledger(self.layout.ledger))
+        self.pool = CodecPool(cfg.optimize.workers or os.cpu_count() or 1)
+        await self.pool.start()
+        self.immich = ImmichClient(cfg.immich.url, timeout_seconds=cfg.immich.timeout_seconds)
+        self.pipeline = Pipeline(cfg, self.layout, self.db, self.pool, self.immich, self.metrics)
+        self.intake = Intake(
+            self.layout,
+            self.db,
+            self.metrics,
+            users,
+            cfg.sftp.temp_patterns,
+            cfg.sftp.remember_days,
+            cfg.watch.settle_seconds,
+            self.pipeline.wake,
+        )
+        await self.pipeline.recover()
+        # Files that landed while we were down are complete: no need to wait for them to settle.
+        await self.intake.scan_watch(settle=False)
+        self._tasks.append(asyncio.create_task(self.pipeline.run()))
+        self._tasks.append(asyncio.create_task(self._scan_forever()))
+        self.sftp = SftpGateway(cfg, self.layout, self.intake, self.metrics)
+        await self.sftp.start()
+        if cfg.metrics.listen:
+            await self._start_metrics()
+        event(
+            "started",
+            sftp_port=self.sftp.port,
+            metrics_port=self.metrics_port,
+            data_dir=str(self.layout.root),
+        )
+
+    async def _start_metrics(self) -> None:
+        host, port = parse_listen(self.config.metrics.listen)
+        self._metrics_runner = web.AppRunner(health_app(self.metrics, self.ready), access_log=None)
+        await self._metrics_runner.setup()
+        site = web.TCPSite(self._metrics_runner, host, port)
+        await site.start()
+        server = site._server
+        assert server is not None
+        self.metrics_port = int(server.sockets[0].getsockname()[1])  # type: ignore[attr-defined]
+
+    async def ready(self) -> tuple[bool, str]:
+        try:
+            await self.db(lambda db: db.count_by_state())
+        except Exception as exc:
+            return False, f"ledger not readable: {exc}"
+        if not os.access(self.layout.root, os.W_OK):
+            return False, "data_dir is not writable"
+        if not await self.immich.ping():
+            return False, "Immich does not answer"
+        return True, "ok"
+
+    async def _scan_forever(self) -> None:
+        """Pick up files that reach watch/ without the SFTP server (a share, a cp)."""
+        while True:
+            await asyncio.sleep(self.config.watch.scan_interval_seconds)  # polling interval
+            try:
+                await self.intake.scan_watch()
+            except OSError as exc:
+                event("scan failed", level=30, error=str(exc))
+
+    async def stop(self) -> None:
+        with contextlib.suppress(Exception):
+            await self.sftp.stop()
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self.pipeline.stop()
+        if self._metrics_runner is not None:
+            await self._metrics_runner.cleanup()
+        await self.immich.close()
+        await self.pool.close()
+        self.db.close()
+        event("stopped")
+
+    async def serve_forever(self) -> None:
+        """Run until SIGTERM or SIGINT, then stop within a few seconds (SPEC §6)."""
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        await self.start()
+        await stop.wait()
+        event("stopping", reason="signal")
+        await self.stop()
+
+
+def _remove_stale_parts(layout: Layout) -> None:
+    """Parts of uploads a client abandoned more than a day ago (the client still has the data)."""
+    if not layout.staging.is_dir():
+        return
+    cutoff = time.time() - STALE_PART_SECONDS
+    for part in layout.staging.iterdir():
+        with contextlib.suppress(FileNotFoundError):
+            if part.stat().st_mtime < cutoff:
+                part.unlink()

@@ -1,0 +1,127 @@
+"""Codec worker processes.
+
+Conversion runs in separate processes so that a codec crash, a hang or a memory blow-up costs one
+file, never the server, and so the SFTP event loop never waits on a codec. Each worker is a slot
+with its own pipe: the pool always knows which job a dead or stuck process was running, which a
+`concurrent.futures.ProcessPoolExecutor` (one broken pool fails every job in flight) cannot tell.
+Workers run at a lower CPU priority than the server so ingest keeps its speed while they convert.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import multiprocessing
+import os
+import traceback
+from collections.abc import Callable
+from multiprocessing.connection import Connection
+from multiprocessing.process import BaseProcess
+from typing import Any, TypeVar
+
+T = TypeVar("T")
+
+WORKER_NICE = 10
+
+
+class CodecWorkerError(Exception):
+    """The worker died (crash, out of memory) or exceeded its time limit while on this job."""
+
+
+def _serve(conn: Connection, nice: int) -> None:
+    with contextlib.suppress(OSError):
+        os.nice(nice)
+    while True:
+        try:
+            fn, args = conn.recv()
+        except EOFError:
+            return
+        try:
+            conn.send(("ok", fn(*args)))
+        except Exception as exc:  # the job's own failure travels back as a value
+            conn.send(("error", f"{type(exc).__name__}: {exc}\n{traceback.format_exc(limit=5)}"))
+
+
+class _Slot:
+    def __init__(self, ctx: multiprocessing.context.BaseContext, nice: int) -> None:
+        self.conn, child = ctx.Pipe()
+        self.process: BaseProcess = ctx.Process(  # type: ignore[attr-defined]
+            target=_serve, args=(child, nice), daemon=True, name="sftpgate-codec"
+        )
+        self.process.start()
+        child.close()
+
+    def kill(self) -> None:
+        if self.process.is_alive():
+            self.process.kill()
+        self.process.join(timeout=5)
+        self.conn.close()
+
+
+class CodecPool:
+    def __init__(self, size: int, nice: int = WORKER_NICE) -> None:
+        self.size = max(1, size)
+        self._nice = nice
+        # spawn: the service process has threads (sqlite, asyncio executors); forking it is unsafe.
+        self._ctx = multiprocessing.get_context("spawn")
+        self._free: asyncio.Queue[_Slot] = asyncio.Queue()
+        self._all: set[_Slot] = set()
+
+    async def start(self) -> None:
+        for _ in range(self.size):
+            slot = _Slot(self._ctx, self._nice)
+            self._all.add(slot)
+            self._free.put_nowait(slot)
+
+    @property
+    def pids(self) -> list[int]:
+        return [s.process.pid for s in self._all if s.process.pid is not None]
+
+    async def run(self, fn: Callable[..., T], *args: Any, timeout: float) -> T:
+        """Run fn(*args) in a worker. A job's own exception comes back as CodecWorkerError too."""
+        slot = await self._free.get()
+        loop = asyncio.get_running_loop()
+        try:
+            slot.conn.send((fn, args))
+            ready: asyncio.Future[None] = loop.create_future()
+            fd = slot.conn.fileno()
+            loop.add_reader(fd, lambda: ready.done() or ready.set_result(None))
+            try:
+                await asyncio.wait_for(ready, timeout)
+            finally:
+                loop.remove_reader(fd)
+            status, value = slot.conn.recv()
+        except TimeoutError:
+            self._replace(slot)
+            raise CodecWorkerError(
+                f"the optimizer took longer than {timeout:.0f} s and was stopped"
+            ) from None
+        except (EOFError, OSError, asyncio.CancelledError) as exc:
+            self._replace(slot)
+            if isinstance(exc, asyncio.CancelledError):
+                raise
+            code = slot.process.exitcode
+            raise CodecWorkerError(f"the optimizer process died (exit code {code})") from None
+        self._free.put_nowait(slot)
+        if status == "error":
+            raise CodecWorkerError(value.splitlines()[0])
+        return value  # type: ignore[no-any-return]
+
+    def _replace(self, slot: _Slot) -> None:
+        slot.kill()
+        self._all.discard(slot)
+        fresh = _Slot(self._ctx, self._nice)
+        self._all.add(fresh)
+        self._free.put_nowait(fresh)
+
+    async def close(self) -> None:
+        for slot in list(self._all):
+            with contextlib.suppress(OSError):
+                slot.conn.close()
+        loop = asyncio.get_running_loop()
+        for slot in list(self._all):
+            await loop.run_in_executor(None, slot.process.join, 2)
+            if slot.process.is_alive():
+                slot.process.kill()
+                await loop.run_in_executor(None, slot.process.join, 2)
+        self._all.clear()
