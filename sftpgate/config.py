@@ -102,6 +102,7 @@ class RetryConfig:
     max_delay_seconds: float = 900.0
     give_up_after: float = 7 * 86400.0  # seconds; "7d", "12h", "30m" are accepted too
     upload_concurrency: int = 2
+    ping_interval_seconds: float = 5.0  # how often Immich is pinged (uploads pause while it fails)
 
 
 @dataclass(frozen=True)

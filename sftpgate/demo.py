@@ -9,12 +9,10 @@ same photo sent twice under another name, and a damaged JPEG that must end in un
 
 from __future__ import annotations
 
-import asyncio
 import io
 import secrets
 import shutil
 import tempfile
-import time
 from pathlib import Path
 
 import asyncssh
@@ -27,7 +25,9 @@ from .ledger import Ledger
 from .server import Service
 
 
-def _photo(seed: int, size: tuple[int, int], when: str, offset: str, gps: tuple[float, float]) -> bytes:
+def _photo(
+    seed: int, size: tuple[int, int], when: str, offset: str, gps: tuple[float, float]
+) -> bytes:
     """A camera-like JPEG: smooth light, some texture and sensor noise, full EXIF."""
     w, h = size
     base = Image.radial_gradient("L").resize((w, h)).convert("RGB")
@@ -69,7 +69,9 @@ def _screenshot() -> bytes:
     draw.rectangle((0, 0, 540, 80), fill=(0, 122, 255))
     for i in range(14):
         y = 110 + i * 60
-        draw.rounded_rectangle((24, y, 516, y + 48), 10, fill=(255, 255, 255), outline=(220, 220, 225))
+        draw.rounded_rectangle(
+            (24, y, 516, y + 48), 10, fill=(255, 255, 255), outline=(220, 220, 225)
+        )
         draw.text((40, y + 16), f"Message {i + 1}: see you at the station", fill=(30, 30, 30))
     out = io.BytesIO()
     img.save(out, "PNG")
@@ -119,15 +121,24 @@ async def run_demo(keep: bool = False) -> int:
                 samples = sample_files()
                 print(f"sftpgate demo — data in {root}")
                 print(f"stand-in Immich {immich.url}, SFTP on 127.0.0.1:{service.sftp.port}\n")
-                async with asyncssh.connect(
-                    "127.0.0.1", service.sftp.port, username="phone", password=password, known_hosts=None
-                ) as conn, conn.start_sftp_client() as sftp:
+                async with (
+                    asyncssh.connect(
+                        "127.0.0.1",
+                        service.sftp.port,
+                        username="phone",
+                        password=password,
+                        known_hosts=None,
+                    ) as conn,
+                    conn.start_sftp_client() as sftp,
+                ):
                     for path, data in samples.items():
                         await sftp.makedirs(str(Path(path).parent), exist_ok=True)
                         async with sftp.open(path, "wb") as f:
                             await f.write(data)
                         print(f"uploaded over SFTP: {path} ({len(data):,} bytes)")
-                await _wait_until_finished(service, len(samples), timeout=180)
+                await service.pipeline.wait_for(
+                    lambda c: c.get("done", 0) + c.get("undone", 0) >= len(samples), timeout=180
+                )
                 _print_report(service, samples)
             finally:
                 await service.stop()
@@ -139,23 +150,15 @@ async def run_demo(keep: bool = False) -> int:
             shutil.rmtree(root, ignore_errors=True)
 
 
-async def _wait_until_finished(service: Service, count: int, timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        states = await service.db(lambda db: db.count_by_state())
-        if states.get("done", 0) + states.get("undone", 0) >= count:
-            return
-        await asyncio.sleep(0.2)  # the demo watches the ledger like a person would
-    raise TimeoutError(f"the demo's files were not all finished after {timeout:.0f} s")
-
-
 def _print_report(service: Service, samples: dict[str, bytes]) -> None:
     ledger = Ledger(service.layout.ledger)
     try:
         rows = {r.path: r for r in ledger.iter_all()}
     finally:
         ledger.close()
-    print(f"\n{'file':<44} {'kind':<6} {'before':>10} {'after':>10}  {'outcome':<10} asset / reason")
+    print(
+        f"\n{'file':<44} {'kind':<6} {'before':>10} {'after':>10}  {'outcome':<10} asset / reason"
+    )
     for path in samples:
         r = rows[path]
         after = f"{r.bytes_out:,}" if r.bytes_out and r.outcome in ("uploaded", "kept") else "-"
@@ -163,4 +166,6 @@ def _print_report(service: Service, samples: dict[str, bytes]) -> None:
             r.outcome or "", r.reason
         )
         print(f"{path:<44} {r.kind or '-':<6} {r.size:>10,} {after:>10}  {r.outcome:<10} {detail}")
-    print(f"\nwatch/ now holds only the undone file: {sorted(str(p.relative_to(service.layout.watch)) for p in service.layout.watch.rglob('*') if p.is_file())}")
+    print(
+        f"\nwatch/ now holds only the undone file: {sorted(str(p.relative_to(service.layout.watch)) for p in service.layout.watch.rglob('*') if p.is_file())}"
+    )

@@ -14,6 +14,7 @@ import json
 import os
 import random
 import time
+from collections.abc import Callable
 from datetime import datetime, tzinfo
 from pathlib import Path, PurePosixPath
 from zoneinfo import ZoneInfo
@@ -27,8 +28,6 @@ from .logs import event
 from .metrics import Metrics
 from .optimize import OptimizeResult, optimize_file
 from .workers import CodecPool, CodecWorkerError
-
-PING_INTERVAL_SECONDS = 5.0
 
 
 class Pipeline:
@@ -55,11 +54,13 @@ class Pipeline:
         self._in_flight: dict[int, asyncio.Task[None]] = {}
         self._albums: dict[tuple[str, str], str] = {}
         self._stopping = False
+        self._progress = asyncio.Event()  # set whenever an original finishes or is retried
 
     # -- lifecycle ----------------------------------------------------------------------------
 
     def wake(self) -> None:
         self._wakeup.set()
+        self._progress.set()
 
     async def recover(self) -> None:
         """Finish what a crash interrupted; every branch is safe to run twice."""
@@ -113,8 +114,10 @@ class Pipeline:
                         task.add_done_callback(lambda _, rid=row.id: self._task_done(rid))
                 next_due = await self.db(lambda db: db.next_due_time())
                 timeout = 60.0 if next_due is None else max(0.05, next_due - time.time())
+                # asyncio.timeout, not wait_for: on 3.11 wait_for can swallow a cancellation.
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._wakeup.wait(), min(timeout, 60.0))
+                    async with asyncio.timeout(min(timeout, 5.0)):
+                        await self._wakeup.wait()
         finally:
             watcher.cancel()
 
@@ -133,11 +136,20 @@ class Pipeline:
                 task.cancel()
             await asyncio.gather(*pending, return_exceptions=True)
 
-    async def idle(self) -> bool:
-        counts = await self.db(lambda db: db.count_by_state())
-        return not any(counts.get(s, 0) for s in ("queued", "optimizing", "uploading"))
+    async def wait_for(
+        self, condition: Callable[[dict[str, int]], bool], timeout: float
+    ) -> dict[str, int]:
+        """Wait until `condition(counts by state)` holds; for the demo, tests and `import`."""
+        async with asyncio.timeout(timeout):
+            while True:
+                self._progress.clear()
+                counts = await self.db(lambda db: db.count_by_state())
+                if condition(counts):
+                    return counts
+                await self._progress.wait()
 
     async def refresh_gauges(self) -> None:
+        self._progress.set()
         counts = await self.db(lambda db: db.count_by_state())
         self.metrics.queue_files.set(
             sum(counts.get(s, 0) for s in ("queued", "optimizing", "uploading"))
@@ -157,7 +169,7 @@ class Pipeline:
                 event("immich down", level=30, outcome="uploads paused")
             elif not up and not self._immich_up.is_set():
                 self.metrics.immich_up.set(0)
-            await asyncio.sleep(PING_INTERVAL_SECONDS)  # a polling interval, not synchronisation
+            await asyncio.sleep(self.config.retry.ping_interval_seconds)  # polling interval
 
     # -- one original -------------------------------------------------------------------------
 

@@ -107,10 +107,10 @@ class Service:
     async def stop(self) -> None:
         with contextlib.suppress(Exception):
             await self.sftp.stop()
+        await self.pipeline.stop()
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
-        await self.pipeline.stop()
         if self._metrics_runner is not None:
             await self._metrics_runner.cleanup()
         await self.immich.close()

@@ -87,7 +87,8 @@ class CodecPool:
             fd = slot.conn.fileno()
             loop.add_reader(fd, lambda: ready.done() or ready.set_result(None))
             try:
-                await asyncio.wait_for(ready, timeout)
+                async with asyncio.timeout(timeout):
+                    await ready
             finally:
                 loop.remove_reader(fd)
             status, value = slot.conn.recv()

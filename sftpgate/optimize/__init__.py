@@ -1,0 +1,211 @@
+"""Make one file smaller without losing anything (SPEC §4): the optimizer's public API.
+
+`optimize_file` runs inside a worker process (see the pipeline), so its argument and result are
+plain picklable values, and it never raises for bad input: whatever goes wrong becomes an
+"unreadable" result with the reason, and nothing partial is left in `work_dir`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import time
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+
+from sftpgate.config import OptimizeConfig
+from sftpgate.optimize import dates, jpeg, kinds
+
+__all__ = ["OptimizeResult", "optimize_file"]
+
+CONVERTED, KEPT, UNREADABLE = "converted", "kept", "unreadable"
+
+
+@dataclass(frozen=True)
+class OptimizeResult:
+    kind: str  # jpeg | png | heic | avif | webp | gif | jxl | raw | video | unknown
+    decision: str  # converted | kept | unreadable
+    reason: str  # one readable sentence: why kept/unreadable, or what was done
+    output: str | None  # the optimized file inside work_dir (converted only)
+    extension: str | None  # extension for Immich when converted (".jxl"); None = client's name
+    bytes_in: int
+    bytes_out: int  # == bytes_in unless converted
+    captured_at: datetime | None  # timezone-aware capture time from the content, or None
+    metadata_kept: tuple[str, ...]  # which of EXIF / XMP / ICC the stored file carries
+    seconds: float
+
+
+_ALREADY_EFFICIENT = {
+    "heic": "kept as it is: HEIC is already efficiently compressed",
+    "avif": "kept as it is: AVIF is already efficiently compressed",
+    "webp": "kept as it is: WebP is not converted (already compressed; JPEG XL would not save enough)",
+    "jxl": "kept as it is: the file is already JPEG XL",
+    "gif": "kept as it is: GIF is not converted",
+    "raw": "kept as it is: camera RAW files are never converted",
+    "video": "kept as it is: video conversion is not enabled yet",
+}
+
+
+def optimize_file(
+    src: Path, work_dir: Path, config: OptimizeConfig, timezone: str
+) -> OptimizeResult:
+    """Decide and, where worthwhile, convert `src`; write the result atomically into `work_dir`.
+
+    `timezone` is an IANA zone for EXIF dates without an offset ("" = the local zone).
+    """
+    out = _Outcome(Path(src), timezone)
+    try:
+        return _optimize(out, Path(work_dir), config)
+    except Exception as exc:  # never raise in a worker: the reason goes to undone/'s sidecar
+        message = str(exc) or type(exc).__name__
+        return out.make(UNREADABLE, f"cannot be optimized: {message}")
+
+
+class _Outcome:
+    """Builds the result; knows kind and size as soon as they are found, so that even an
+    unexpected exception reports them."""
+
+    def __init__(self, src: Path, timezone: str) -> None:
+        self.src = src
+        self.timezone = timezone
+        self.started = time.monotonic()
+        self.kind = "unknown"
+        self.size = 0
+
+    def make(
+        self,
+        decision: str,
+        reason: str,
+        metadata: tuple[str, ...] = (),
+        output: Path | None = None,
+        bytes_out: int | None = None,
+    ) -> OptimizeResult:
+        captured = None
+        if decision != UNREADABLE:
+            captured = dates.capture_time(self.src, self.kind, self.timezone)
+        return OptimizeResult(
+            kind=self.kind,
+            decision=decision,
+            reason=reason,
+            output=str(output) if output else None,
+            extension=output.suffix if output else None,
+            bytes_in=self.size,
+            bytes_out=self.size if bytes_out is None else bytes_out,
+            captured_at=captured,
+            metadata_kept=metadata,
+            seconds=round(time.monotonic() - self.started, 3),
+        )
+
+
+def _optimize(out: _Outcome, work_dir: Path, config: OptimizeConfig) -> OptimizeResult:
+    src = out.src
+    out.size = src.stat().st_size
+    with src.open("rb") as f:
+        head = f.read(kinds.HEAD_SIZE)
+    kind = out.kind = kinds.sniff(head)
+    # JPEG bytes are needed whole for the transcode; read them once, and check they are the bytes
+    # we sized (a file still being written is caught here rather than half-converted).
+    data = src.read_bytes() if kind == "jpeg" else None
+    if data is not None and len(data) != out.size:
+        raise OSError(f"the file changed while being read ({out.size:,} → {len(data):,} bytes)")
+
+    probe = kinds.probe(src, kind, head, config.max_pixels, data)
+    if probe.problem:
+        return out.make(UNREADABLE, probe.problem)
+    if kind == "jpeg" and data is not None and probe.jpeg is not None:
+        return _optimize_jpeg(out, data, probe, work_dir, config)
+    if kind == "png":
+        if config.png.mode == "keep":
+            reason = "kept as it is: PNG conversion is disabled (optimize.png.mode: keep)"
+        else:
+            reason = "kept as it is: PNG conversion is not enabled"
+        return out.make(KEPT, reason, probe.metadata)
+    if kind == "heic" and probe.note == "motion photo":
+        reason = "kept as it is: HEIC motion photo (the image and its embedded video stay together)"
+        return out.make(KEPT, reason, probe.metadata)
+    if kind == "gif" and probe.note:
+        return out.make(KEPT, "kept as it is: animated GIF is not converted", probe.metadata)
+    return out.make(KEPT, _ALREADY_EFFICIENT[kind], probe.metadata)
+
+
+def _optimize_jpeg(
+    out: _Outcome, data: bytes, probe: kinds.Probe, work_dir: Path, config: OptimizeConfig
+) -> OptimizeResult:
+    info = probe.jpeg
+    if info is None:  # the probe always sets it for a readable JPEG
+        raise ValueError("JPEG structure missing from the probe")
+    if config.jpeg.mode == "keep":
+        return out.make(
+            KEPT,
+            "kept as it is: JPEG conversion is disabled (optimize.jpeg.mode: keep)",
+            probe.metadata,
+        )
+    reason = jpeg.keep_reason(info)
+    if reason:
+        return out.make(KEPT, reason, probe.metadata)
+    done = jpeg.transcode_lossless(data, info, probe.width, probe.height, config.jpeg.effort)
+    if done.decision != CONVERTED or done.jxl is None:
+        metadata = probe.metadata if done.decision == KEPT else ()
+        return out.make(done.decision, done.reason, metadata)
+    saving = 1 - len(done.jxl) / len(data)
+    if saving < config.min_savings:
+        return out.make(
+            KEPT,
+            f"kept as it is: JPEG XL would save only {saving:.1%}, less than "
+            f"optimize.min_savings ({config.min_savings:.0%})",
+            probe.metadata,
+        )
+    output = write_atomically(work_dir, output_name(out.src, data, ".jxl"), done.jxl)
+    note = ""
+    if config.jpeg.mode == "lossy":
+        note = " (lossy mode is not implemented yet, so the lossless transcode was used)"
+    return out.make(
+        CONVERTED,
+        f"converted to JPEG XL by lossless transcoding, verified bit-exact: {len(data):,} → "
+        f"{len(done.jxl):,} bytes ({saving:.1%} smaller){note}",
+        done.metadata,
+        output,
+        len(done.jxl),
+    )
+
+
+def output_name(src: Path, data: bytes, extension: str) -> str:
+    """Deterministic name of the optimized file for this original.
+
+    A re-run after a crash rewrites the same path with the same bytes, so the upload keeps its
+    checksum and Immich answers "duplicate". The source path is part of the name because two
+    users may upload identical bytes: with one shared file, finishing one upload and removing
+    its work file would pull it from under the other.
+    """
+    where = hashlib.sha1(os.fsencode(src.absolute())).hexdigest()[:12]
+    return f"{hashlib.sha1(data).hexdigest()}-{where}{extension}"
+
+
+def write_atomically(work_dir: Path, name: str, data: bytes) -> Path:
+    """Write `data` as work_dir/name so that the name only ever holds complete, synced bytes.
+
+    On any failure nothing is left behind, not even the final name: the caller then reports the
+    file as unreadable, and an orphan in .work/ would never be cleaned up.
+    """
+    work_dir.mkdir(parents=True, exist_ok=True)
+    final = work_dir / name
+    # The temp name is unique per process; two workers converting identical bytes (a duplicate
+    # upload) write identical output, and os.replace makes either result whole.
+    temp = work_dir / f".{name}.{os.getpid()}.tmp"
+    try:
+        with temp.open("wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(temp, final)
+        directory = os.open(work_dir, os.O_RDONLY)
+        try:
+            os.fsync(directory)  # the rename must be durable before anyone deletes the original
+        finally:
+            os.close(directory)
+    except BaseException:
+        temp.unlink(missing_ok=True)
+        final.unlink(missing_ok=True)
+        raise
+    return final

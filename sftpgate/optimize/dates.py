@@ -1,0 +1,197 @@
+"""Capture time from the content (SPEC §5 `fileCreatedAt`): always timezone-aware, or None.
+
+Order: EXIF DateTimeOriginal (+ OffsetTimeOriginal), then DateTimeDigitized (+ OffsetTimeDigitized),
+as Immich itself prefers them. IFD0 DateTime is deliberately not used: editors rewrite it, so it is
+a modification time. Without an offset tag the wall-clock time is read in the configured zone,
+because that is where the camera's clock was most likely set.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import re
+import struct
+import warnings
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta, tzinfo
+from datetime import timezone as dt_timezone
+from pathlib import Path
+from zoneinfo import ZoneInfo
+
+from PIL import Image
+
+from sftpgate.optimize import jxlboxes, kinds
+
+_EXIF_IFD = 0x8769
+_DATETIME_ORIGINAL, _OFFSET_ORIGINAL, _SUBSEC_ORIGINAL = 36867, 36881, 37521
+_DATETIME_DIGITIZED, _OFFSET_DIGITIZED, _SUBSEC_DIGITIZED = 36868, 36882, 37522
+_DATETIME_RE = re.compile(r"(\d{4}):(\d{2}):(\d{2})[ T](\d{2}):(\d{2}):(\d{2})")
+_OFFSET_RE = re.compile(r"([+-])(\d{2}):?(\d{2})")
+# Canon CR3: moov/uuid(85c0b687-...) holds CMT1 (IFD0) and CMT2 (the Exif IFD) as TIFF blobs.
+_CR3_UUID = bytes.fromhex("85c0b687820f11e08111f4ce462b6a48")
+_PIL_FORMATS = {
+    "jpeg": "JPEG",
+    "png": "PNG",
+    "webp": "WEBP",
+    "avif": "AVIF",
+    "heic": "HEIF",
+    "gif": "GIF",
+}
+_MAX_METADATA = 16 * 1024 * 1024  # no real EXIF block comes near this; guards brob expansion
+
+
+def zone(name: str) -> tzinfo | None:
+    """The IANA zone `name`, or None for the system local zone ("" or an unknown name).
+
+    Config validation rejects unknown names at start-up; falling back to local time here keeps
+    capture_time total (it must never raise inside a worker).
+    """
+    if not name:
+        return None
+    try:
+        return ZoneInfo(name)
+    except (KeyError, ValueError, OSError):  # ZoneInfoNotFoundError is a KeyError
+        return None
+
+
+def parse_exif_datetime(value: object, offset: object, subsec: object, tz: str) -> datetime | None:
+    """Combine EXIF date, offset and sub-second strings into an aware datetime (None if invalid)."""
+    text = _text(value)
+    match = _DATETIME_RE.fullmatch(text) if text else None
+    if match is None:
+        return None  # missing, blank ("    :  :     :  :  ") or garbled
+    year, month, day, hour, minute, second = (int(part) for part in match.groups())
+    try:
+        naive = datetime(year, month, day, hour, minute, second)
+    except ValueError:
+        return None  # "0000:00:00 00:00:00" and other impossible dates
+    fraction = _text(subsec)
+    if fraction.isdigit():
+        naive = naive.replace(microsecond=int((fraction + "000000")[:6]))
+    offset_text = _text(offset)
+    offset_match = _OFFSET_RE.fullmatch(offset_text) if offset_text else None
+    if offset_text in ("Z", "+00:00", "-00:00"):
+        return naive.replace(tzinfo=UTC)
+    if offset_match:
+        sign, hours, minutes = offset_match.groups()
+        delta = timedelta(hours=int(hours), minutes=int(minutes))
+        if delta < timedelta(hours=24):
+            return naive.replace(tzinfo=dt_timezone(-delta if sign == "-" else delta))
+    configured = zone(tz)
+    if configured is None:
+        return naive.astimezone()  # interpreted as local wall-clock time
+    return naive.replace(tzinfo=configured)
+
+
+def _text(value: object) -> str:
+    if isinstance(value, bytes):
+        value = value.decode("ascii", "replace")
+    if not isinstance(value, str):
+        return ""
+    return value.strip("\x00 ").strip()
+
+
+def _from_exif(exif: Image.Exif, tz: str) -> datetime | None:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # Pillow warns "Corrupt EXIF data" and carries on
+        try:
+            sub = exif.get_ifd(_EXIF_IFD)
+        except Exception:
+            sub = {}
+    # Some writers put the Exif tags straight into IFD0 (CR3's CMT2 blob is that way by design).
+    tags: dict[int, object] = {**dict(exif), **dict(sub)}
+    for when, offset, subsec in (
+        (_DATETIME_ORIGINAL, _OFFSET_ORIGINAL, _SUBSEC_ORIGINAL),
+        (_DATETIME_DIGITIZED, _OFFSET_DIGITIZED, _SUBSEC_DIGITIZED),
+    ):
+        found = parse_exif_datetime(tags.get(when), tags.get(offset), tags.get(subsec), tz)
+        if found is not None:
+            return found
+    return None
+
+
+def _load_exif(tiff: bytes) -> Image.Exif:
+    exif = Image.Exif()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        exif.load(tiff)
+    return exif
+
+
+@contextlib.contextmanager
+def _no_pixel_limit() -> Iterator[None]:
+    # Only headers are parsed here (EXIF); no pixels are allocated, so Pillow's bomb guard would
+    # only stop us from reading the date of a legitimate 200 MP photo. Bombs are refused by the
+    # probe with the configured limit before capture_time is ever called.
+    previous = Image.MAX_IMAGE_PIXELS
+    Image.MAX_IMAGE_PIXELS = None
+    try:
+        yield
+    finally:
+        Image.MAX_IMAGE_PIXELS = previous
+
+
+def _pillow_exif(path: Path, kind: str) -> Image.Exif:
+    with _no_pixel_limit(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "Corrupt EXIF data" and the like: we return None instead
+        with Image.open(path, formats=[_PIL_FORMATS[kind]]) as im:
+            return im.getexif()
+
+
+def _cr3_exif(path: Path) -> bytes | None:
+    size = path.stat().st_size
+    with path.open("rb") as f:
+        for box_type, offset, header, box_size in kinds.iter_bmff(f, 0, size):
+            if box_type != b"moov":
+                continue
+            for inner, inner_offset, inner_header, inner_size in kinds.iter_bmff(
+                f, offset + header, offset + box_size
+            ):
+                f.seek(inner_offset + inner_header)
+                if inner != b"uuid" or f.read(16) != _CR3_UUID:
+                    continue
+                start = inner_offset + inner_header + 16
+                for cmt, cmt_offset, cmt_header, cmt_size in kinds.iter_bmff(
+                    f, start, inner_offset + inner_size
+                ):
+                    if cmt == b"CMT2":
+                        f.seek(cmt_offset + cmt_header)
+                        return f.read(min(cmt_size - cmt_header, _MAX_METADATA))
+    return None
+
+
+def _jxl_exif(path: Path) -> bytes | None:
+    data = path.read_bytes()
+    if not data.startswith(jxlboxes.JXL_CONTAINER_SIGNATURE):
+        return None  # a bare codestream carries no EXIF
+    plain = jxlboxes.decompress_brob_boxes(data, _MAX_METADATA)
+    for box in jxlboxes.iter_boxes(plain):
+        if box.type == b"Exif":
+            payload = plain[box.payload_start : box.end]
+            (tiff_offset,) = struct.unpack_from(">I", payload)  # the Exif box starts with it
+            return payload[4 + tiff_offset :]
+    return None
+
+
+def capture_time(path: Path, kind: str, timezone: str) -> datetime | None:
+    """When the photo was taken, from its content; timezone-aware, or None. Never raises.
+
+    `timezone`: IANA name used when the EXIF date has no offset tag; "" means the local zone.
+    Video creation_time is not read yet (None).
+    """
+    try:
+        if kind in _PIL_FORMATS:
+            return _from_exif(_pillow_exif(path, kind), timezone)
+        if kind == "raw":
+            with path.open("rb") as f:
+                head = f.read(8)
+            tiff = _cr3_exif(path) if head[4:8] == b"ftyp" else None
+            if tiff is None and head[:4] in (b"II*\x00", b"MM\x00*"):
+                tiff = path.read_bytes()  # TIFF-based RAW: the file is the EXIF structure
+            return _from_exif(_load_exif(tiff), timezone) if tiff else None
+        if kind == "jxl":
+            tiff = _jxl_exif(path)
+            return _from_exif(_load_exif(tiff), timezone) if tiff else None
+    except Exception:
+        return None  # broken metadata is common; the caller falls back to the file's mtime
+    return None

@@ -1,0 +1,106 @@
+"""JPEG XL container boxes: list them, and rewrite Brotli-compressed (`brob`) boxes as plain ones.
+
+libjxl's lossless JPEG transcode stores the JPEG's EXIF and XMP in `brob` boxes. exiftool reads
+those only when Perl's IO::Compress::Brotli is installed (Debian's exiftool 12.57 is not; Immich's
+image has it only since immich-app/base-images#14), so a date, GPS position or orientation would
+silently vanish for those readers. Plain `Exif` / `xml ` boxes cost a few hundred bytes and every
+reader understands them; libjxl still reconstructs the JPEG bit-exact from them (measured, see
+notes/codecs.md). Layout of a `brob` box: [size]['brob'][inner type][Brotli data].
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import brotli
+
+JXL_CONTAINER_SIGNATURE = b"\x00\x00\x00\x0cJXL \x0d\x0a\x87\x0a"
+JXL_CODESTREAM_SIGNATURE = b"\xff\x0a"
+
+# Box types that ISO/IEC 18181-2 forbids inside `brob`; finding one means the file is not what
+# libjxl wrote, so we refuse instead of producing a container that readers would misinterpret.
+_NOT_COMPRESSIBLE = frozenset(
+    {b"brob", b"jxlc", b"jxlp", b"jbrd", b"JXL ", b"ftyp", b"jxll", b"jxli"}
+)
+
+
+class JxlBoxError(ValueError):
+    """The bytes are not a well-formed JPEG XL container."""
+
+
+@dataclass(frozen=True)
+class Box:
+    type: bytes  # four bytes, e.g. b"Exif"
+    start: int  # offset of the box header
+    payload_start: int  # offset of the first payload byte
+    end: int  # offset just past the box
+
+
+def iter_boxes(data: bytes) -> Iterator[Box]:
+    """Yield the top-level boxes of a JPEG XL container; raise JxlBoxError if they do not tile it."""
+    if not data.startswith(JXL_CONTAINER_SIGNATURE):
+        raise JxlBoxError("not a JPEG XL container (no 'JXL ' signature box)")
+    pos = 0
+    while pos < len(data):
+        if pos + 8 > len(data):
+            raise JxlBoxError(f"box header cut short at offset {pos}")
+        size, box_type = struct.unpack_from(">I4s", data, pos)
+        header = 8
+        if size == 1:  # 64-bit "largesize" follows the type
+            if pos + 16 > len(data):
+                raise JxlBoxError(f"box header cut short at offset {pos}")
+            (size,) = struct.unpack_from(">Q", data, pos + 8)
+            header = 16
+        elif size == 0:  # the last box runs to the end of the file
+            size = len(data) - pos
+        if size < header or pos + size > len(data):
+            raise JxlBoxError(f"box {box_type!r} at offset {pos} claims {size} bytes past the end")
+        yield Box(box_type, pos, pos + header, pos + size)
+        pos += size
+
+
+def box_types(data: bytes) -> list[bytes]:
+    """Types of the top-level boxes, in file order (for tests and reporting)."""
+    return [box.type for box in iter_boxes(data)]
+
+
+def _plain_box(box_type: bytes, payload: bytes) -> bytes:
+    size = 8 + len(payload)
+    if size <= 0xFFFFFFFF:
+        return struct.pack(">I4s", size, box_type) + payload
+    return struct.pack(">I4sQ", 1, box_type, size + 8) + payload
+
+
+def _brotli_decompress(compressed: bytes, limit: int) -> bytes:
+    # The limit guards against a Brotli bomb. Our input is libjxl's output for a JPEG we hold in
+    # memory, so its metadata can never legitimately be larger than that JPEG.
+    decompressor = brotli.Decompressor()
+    out = decompressor.process(compressed, output_buffer_limit=limit)
+    if not decompressor.is_finished() or len(out) > limit:
+        raise JxlBoxError(f"a brob box expands to more than {limit} bytes")
+    return out
+
+
+def decompress_brob_boxes(data: bytes, limit: int) -> bytes:
+    """Return `data` with every `brob` box replaced by the plain box it wraps.
+
+    Box order is kept: libjxl matches Exif/xml boxes to the JPEG's APP segments by order when it
+    reconstructs the JPEG, so reordering could break bit-exactness.
+    """
+    parts: list[bytes] = []
+    for box in iter_boxes(data):
+        if box.type != b"brob":
+            parts.append(data[box.start : box.end])
+            continue
+        payload = data[box.payload_start : box.end]
+        if len(payload) < 4:
+            raise JxlBoxError(f"brob box at offset {box.start} has no inner type")
+        inner_type = payload[:4]
+        if inner_type in _NOT_COMPRESSIBLE:
+            raise JxlBoxError(
+                f"brob box at offset {box.start} wraps a forbidden {inner_type!r} box"
+            )
+        parts.append(_plain_box(inner_type, _brotli_decompress(payload[4:], limit)))
+    return b"".join(parts)

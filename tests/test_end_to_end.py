@@ -1,0 +1,287 @@
+"""The whole path with real parts: real SFTP clients → sftpgate → real codecs → the Immich stand-in.
+
+Each test runs a real service (asyncssh server, worker processes, SQLite ledger) and talks to it
+over 127.0.0.1 with a real client, then checks what Immich stored and what is left on disk.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import re
+import shutil
+import subprocess
+from datetime import datetime
+from pathlib import Path
+
+import aiohttp
+import asyncssh
+import pillow_jxl
+import pytest
+
+from .conftest import PASSWORD, eventually, finished
+from .readers import photo_metadata
+
+# Convertible JPEGs that carry what must survive: GPS, orientation, Adobe RGB ICC, XMP.
+JPEGS = [
+    "jpeg/apple-iphone4-gps.jpg",
+    "jpeg/canon-a85-orient8.jpg",
+    "jpeg/canon-eos7d-adobergb-xmp.jpg",
+    "jpeg/nikon-d5000-gps-xmp.jpeg",
+]
+
+
+async def sftp_batch(
+    port: int, key: Path, commands: str, cwd: Path
+) -> subprocess.CompletedProcess[str]:
+    """Run the OpenSSH `sftp` client in batch mode against the service."""
+    if shutil.which("sftp") is None:
+        pytest.skip("the OpenSSH sftp client is not installed (apt-get install openssh-client)")
+    batch = cwd / "batch.txt"
+    batch.write_text(commands)
+    proc = await asyncio.create_subprocess_exec(
+        "sftp", "-b", str(batch), "-P", str(port), "-i", str(key),
+        "-o", "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null", "-o", "BatchMode=yes",
+        "phone@127.0.0.1",
+        cwd=cwd, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    out, err = await asyncio.wait_for(proc.communicate(), 120)
+    result = subprocess.CompletedProcess(["sftp"], proc.returncode or 0, out.decode(), err.decode())
+    assert result.returncode == 0, result.stderr
+    return result
+
+
+def connect(service, **kwargs) -> asyncssh.SSHClientConnection:
+    return asyncssh.connect(
+        "127.0.0.1",
+        service.sftp.port,
+        username="phone",
+        password=PASSWORD,
+        known_hosts=None,
+        **kwargs,
+    )
+
+
+def stored_assets(standin) -> list:
+    return list(standin.state.assets.values())
+
+
+async def metrics_text(service) -> str:
+    async with (
+        aiohttp.ClientSession() as http,
+        http.get(f"http://127.0.0.1:{service.metrics_port}/metrics") as r,
+    ):
+        assert r.status == 200
+        return await r.text()
+
+
+def metric(text: str, name: str, labels: str = "") -> float:
+    m = re.search(rf"^{re.escape(name)}{re.escape(labels)} (\S+)$", text, re.M)
+    assert m, f"{name}{labels} not in /metrics"
+    return float(m.group(1))
+
+
+async def test_openssh_sftp_client_delivers_jpegs_once_as_bit_exact_jxl(
+    gate, standin, corpus, client_key, tmp_path
+):
+    files = [corpus / f for f in JPEGS]
+    commands = "mkdir DCIM\n" + "".join(f'put "{f}" DCIM/\n' for f in files)
+    await sftp_batch(gate.sftp.port, client_key, commands, tmp_path)
+    await gate.pipeline.wait_for(finished(len(files)), timeout=120)
+
+    assets = {a.original_file_name: a for a in stored_assets(standin)}
+    assert sorted(assets) == sorted(f.with_suffix(".jxl").name for f in files)
+    for f in files:
+        asset = assets[f.with_suffix(".jxl").name]
+        stored = Path(asset.path)
+        is_jpeg, _, reconstructed, _, _ = pillow_jxl.Decoder()(stored.read_bytes())
+        assert is_jpeg and reconstructed == f.read_bytes(), (
+            f"{f.name} does not reconstruct bit-exact"
+        )
+        assert stored.stat().st_size < f.stat().st_size
+        assert photo_metadata(stored) == photo_metadata(f), f"metadata of {f.name} changed"
+        assert not (gate.layout.watch / "phone" / "DCIM" / f.name).exists()
+    text = await metrics_text(gate)
+    assert metric(text, "sftpgate_processed_files_total", '{outcome="uploaded"}') == len(files)
+    assert metric(text, "sftpgate_received_files_total") == len(files)
+    assert metric(text, "sftpgate_received_bytes_total") == sum(f.stat().st_size for f in files)
+    assert metric(text, "sftpgate_stored_bytes_total") == sum(a.size for a in assets.values())
+    assert metric(text, "sftpgate_processed_files_total", '{outcome="undone"}') == 0
+
+
+async def test_asyncssh_client_upload_is_remembered_in_listings(gate, standin, corpus):
+    src = corpus / "jpeg/htc-desire-gps.jpg"
+    async with connect(gate) as conn, conn.start_sftp_client() as sftp:
+        await sftp.mkdir("Camera")
+        await sftp.put(str(src), "Camera/IMG_0001.jpg")
+        await sftp.setstat(
+            "Camera/IMG_0001.jpg", asyncssh.SFTPAttrs(atime=1_500_000_000, mtime=1_500_000_000)
+        )
+        await gate.pipeline.wait_for(finished(1), timeout=60)
+        assert not (gate.layout.watch / "phone/Camera/IMG_0001.jpg").exists()
+        # Delivered and deleted here, yet the client still sees its file as it left it.
+        attrs = await sftp.stat("Camera/IMG_0001.jpg")
+        assert attrs.size == src.stat().st_size
+        names = {n.filename: n.attrs for n in await sftp.readdir("Camera")}
+        assert names["IMG_0001.jpg"].size == src.stat().st_size
+    (asset,) = stored_assets(standin)
+    assert asset.original_file_name == "IMG_0001.jxl"
+    # EXIF DateTimeOriginal without offset, read in the config's zone; the mtime set after CLOSE.
+    assert datetime.fromisoformat(asset.file_created_at) == datetime.fromisoformat(
+        "2011-05-06T09:59:48+02:00"
+    )
+    assert datetime.fromisoformat(asset.file_modified_at).timestamp() == 1_500_000_000
+
+
+async def test_upload_in_progress_is_invisible_and_a_dropped_connection_leaves_nothing(
+    gate, corpus
+):
+    data = (corpus / "jpeg/apple-iphone4-gps.jpg").read_bytes()
+    conn = await connect(gate)
+    sftp = await conn.start_sftp_client()
+    f = await sftp.open("half.jpg", "wb")
+    await f.write(data[: len(data) // 2])
+    staged = list(gate.layout.staging.iterdir())
+    assert len(staged) == 1 and staged[0].stat().st_size == len(data) // 2
+    assert not (gate.layout.watch / "phone" / "half.jpg").exists()
+    assert await gate.intake.scan_watch(settle=False) == 0  # the pipeline cannot see it
+    assert await gate.db(lambda db: db.count_by_state()) == {}
+    conn.abort()  # the phone loses Wi-Fi mid-upload
+    await eventually(
+        lambda: not any(gate.layout.staging.iterdir()), what="the part to be discarded"
+    )
+    assert list((gate.layout.watch / "phone").iterdir()) == []
+    assert await gate.db(lambda db: db.count_by_state()) == {}
+
+
+async def test_files_that_landed_while_stopped_are_delivered_after_restart(
+    tmp_path, standin, corpus, host_keys_dir, client_key
+):
+    from sftpgate.config import load_config
+    from sftpgate.server import Service
+
+    from .conftest import gate_config
+
+    config = load_config(gate_config(tmp_path, standin.url, host_keys_dir, client_key))
+    first = Service(config)
+    await first.start()
+    await first.stop()
+    landed = first.layout.watch / "phone" / "Trip" / "IMG_0002.jpg"
+    landed.parent.mkdir(parents=True)
+    shutil.copyfile(corpus / "jpeg/canon-sx60-orient6.jpg", landed)
+    second = Service(config)
+    await second.start()
+    try:
+        await second.pipeline.wait_for(finished(1), timeout=60)
+    finally:
+        await second.stop()
+    (asset,) = stored_assets(standin)
+    assert asset.original_file_name == "IMG_0002.jxl"
+    assert not landed.exists()
+
+
+async def test_corrupt_files_end_in_undone_with_a_sidecar_and_their_bytes(gate, standin, corpus):
+    bad = ["bad/truncated-half.jpg", "bad/random-bytes.jpg", "bad/html-named.jpg"]
+    async with connect(gate) as conn, conn.start_sftp_client() as sftp:
+        for name in bad:
+            await sftp.put(str(corpus / name), Path(name).name)
+    await gate.pipeline.wait_for(finished(len(bad)), timeout=60)
+    assert stored_assets(standin) == []
+    for name in bad:
+        kept = gate.layout.undone / "phone" / Path(name).name
+        assert kept.read_bytes() == (corpus / name).read_bytes()
+        sidecar = json.loads(kept.with_name(kept.name + ".error.json").read_text())
+        assert sidecar["stage"] == "optimize"
+        assert sidecar["reason"] and sidecar["attempts"] == 1
+        assert re.search(r"[+-]\d\d:\d\d$", sidecar["time"]), "the time carries an offset"
+    text = await metrics_text(gate)
+    assert metric(text, "sftpgate_processed_files_total", '{outcome="undone"}') == len(bad)
+    assert metric(text, "sftpgate_undone_files") == len(bad)
+
+
+async def test_immich_errors_never_delete_the_original(gate, standin, corpus):
+    src = corpus / "jpeg/apple-iphone4-gps.jpg"
+    standin.state.fail_next = [500, 503, 500]
+    async with connect(gate) as conn, conn.start_sftp_client() as sftp:
+        await sftp.put(str(src), "IMG_0003.jpg")
+    original = gate.layout.watch / "phone" / "IMG_0003.jpg"
+    # After each failure the original is still there and the row waits for a retry.
+    await eventually(lambda: gate.metrics.retries._value.get() >= 1, what="a retry")
+    assert original.read_bytes() == src.read_bytes()
+    await gate.pipeline.wait_for(finished(1), timeout=60)
+    assert len(stored_assets(standin)) == 1
+    assert not original.exists()
+    assert list(gate.layout.undone.rglob("*")) == [] or not any(
+        p.is_file() for p in gate.layout.undone.rglob("*")
+    )
+    text = await metrics_text(gate)
+    assert metric(text, "sftpgate_retries_total") == 3
+    assert metric(text, "sftpgate_processed_files_total", '{outcome="uploaded"}') == 1
+
+
+async def test_same_bytes_under_another_name_are_not_sent_again(gate, standin, corpus):
+    src = corpus / "jpeg/nikon-d5000-gps-xmp.jpeg"
+    async with connect(gate) as conn, conn.start_sftp_client() as sftp:
+        await sftp.put(str(src), "first.jpeg")
+        await gate.pipeline.wait_for(finished(1), timeout=60)
+        await sftp.put(str(src), "renamed copy.jpeg")
+        await gate.pipeline.wait_for(finished(2), timeout=60)
+        assert {n for n in await sftp.listdir(".") if not n.startswith(".")} == {
+            "first.jpeg",
+            "renamed copy.jpeg",
+        }
+    assert len(stored_assets(standin)) == 1
+    assert standin.state.counters()["uploads_received"] == 1
+    text = await metrics_text(gate)
+    assert metric(text, "sftpgate_processed_files_total", '{outcome="duplicate"}') == 1
+
+
+async def test_health_endpoints(gate, standin):
+    base = f"http://127.0.0.1:{gate.metrics_port}"
+    async with aiohttp.ClientSession() as http:
+        async with http.get(f"{base}/healthz") as r:
+            assert r.status == 200
+        async with http.get(f"{base}/readyz") as r:
+            assert r.status == 200
+        standin.state.down = True
+        async with http.get(f"{base}/readyz") as r:
+            assert r.status == 503
+            assert "Immich" in (await r.json())["reason"]
+    text = await metrics_text(gate)
+    for name in (
+        "sftpgate_sftp_sessions",
+        "sftpgate_sftp_auth_failures_total",
+        "sftpgate_original_bytes_total",
+        "sftpgate_queue_files",
+        "sftpgate_immich_up",
+        'sftpgate_build_info{version="',
+    ):
+        assert name in text
+    assert "phone" not in text and "test-api-key" not in text
+
+
+async def test_wrong_password_is_refused_and_counted(gate):
+    with pytest.raises(asyncssh.PermissionDenied):
+        await asyncssh.connect(
+            "127.0.0.1", gate.sftp.port, username="phone", password="wrong", known_hosts=None,
+            preferred_auth="password",
+        )  # fmt: skip
+    assert gate.metrics.sftp_auth_failures._value.get() >= 1
+
+
+def test_sha1_is_computed_while_bytes_arrive(tmp_path):
+    """The running hash equals a hash of the file; writes out of order fall back to None."""
+    import os
+
+    from sftpgate.sftp.filesystem import UploadFile
+
+    data = os.urandom(300_000)
+    fd = os.open(tmp_path / "part", os.O_RDWR | os.O_CREAT)
+    up = UploadFile("x.jpg", tmp_path / "part", fd, None)
+    for off in range(0, len(data), 32768):
+        up.write(off, data[off : off + 32768])
+    assert up.sha1 == hashlib.sha1(data).hexdigest()
+    up.write(0, b"x")  # a rewrite: the running hash no longer describes the file
+    assert up.sha1 is None
+    os.close(fd)

@@ -1,0 +1,126 @@
+"""Capture time from content: aware datetimes with the EXIF offset, else the configured zone."""
+
+from __future__ import annotations
+
+from datetime import datetime, timedelta
+from pathlib import Path
+from zoneinfo import ZoneInfo
+
+import pytest
+
+from sftpgate.optimize import kinds
+from sftpgate.optimize.dates import capture_time, parse_exif_datetime
+
+STILL_KINDS = ("jpeg", "heic", "avif", "webp", "raw", "png", "gif")
+
+
+def _manifest_naive(value: str) -> datetime:
+    return datetime.strptime(value[:19], "%Y:%m:%d %H:%M:%S")
+
+
+@pytest.mark.parametrize(
+    ("name", "offset"),
+    [
+        ("jpeg/hmd-nokia8.3-gps.jpg", timedelta(hours=3)),
+        ("jpeg/apple-iphone6s-livephoto.jpg", timedelta(hours=1)),
+        ("jpeg/google-pixel8pro-p3-ultrahdr.jpg", timedelta(hours=1)),
+        ("heic/apple-iphone13promax-orient6.heic", timedelta(hours=1)),
+        ("heic/samsung-s22-motionphoto-orient6-gps.heic", timedelta(hours=5, minutes=30)),
+        ("raw/canon-m50-stub.cr3", timedelta(0)),
+    ],
+)
+def test_offset_tag_wins_over_the_configured_zone(
+    corpus: Path, manifest: dict[str, dict[str, str]], name: str, offset: timedelta
+) -> None:
+    kind = manifest[name]["kind"]
+    when = capture_time(corpus / name, kind, "America/New_York")
+    assert when is not None and when.utcoffset() == offset
+    naive = _manifest_naive(manifest[name]["datetime_original_or_creation_time"])
+    assert when.replace(tzinfo=None, microsecond=0) == naive
+
+
+def test_missing_offset_uses_the_configured_zone(corpus: Path) -> None:
+    src = corpus / "jpeg/htc-desire-gps.jpg"  # 2011:05:06 09:59:48, no OffsetTimeOriginal
+    new_york = capture_time(src, "jpeg", "America/New_York")
+    berlin = capture_time(src, "jpeg", "Europe/Berlin")
+    assert new_york == datetime(2011, 5, 6, 9, 59, 48, tzinfo=ZoneInfo("America/New_York"))
+    assert new_york is not None and new_york.utcoffset() == timedelta(hours=-4)  # EDT in May
+    assert berlin is not None and berlin.utcoffset() == timedelta(hours=2)
+    assert new_york - berlin == timedelta(hours=6)  # same wall clock, different instants
+
+
+def test_empty_zone_means_the_local_zone(corpus: Path) -> None:
+    when = capture_time(corpus / "jpeg/htc-desire-gps.jpg", "jpeg", "")
+    assert when is not None and when.tzinfo is not None
+    assert when == datetime(2011, 5, 6, 9, 59, 48).astimezone()
+
+
+def test_broken_exif_gives_none_without_raising(corpus: Path) -> None:
+    src = corpus / "bad/exif-ifd0-offset-out-of-range.jpg"
+    assert capture_time(src, "jpeg", "Europe/Berlin") is None
+
+
+@pytest.mark.parametrize(
+    "name",
+    ["bad/zero-byte.jpg", "bad/random-bytes.jpg", "bad/html-named.jpg", "bad/truncated-half.jpg"],
+)
+@pytest.mark.parametrize("kind", [*STILL_KINDS, "jxl", "video", "unknown"])
+def test_never_raises_on_garbage(corpus: Path, name: str, kind: str) -> None:
+    when = capture_time(corpus / name, kind, "Europe/Berlin")
+    assert when is None or when.tzinfo is not None
+
+
+def test_every_corpus_still_agrees_with_the_manifest(
+    corpus: Path, manifest: dict[str, dict[str, str]]
+) -> None:
+    compared = 0
+    for name, row in manifest.items():
+        kind = kinds.detect_kind(corpus / name)
+        value = row["datetime_original_or_creation_time"]
+        when = capture_time(corpus / name, kind, "Europe/Berlin")
+        if name == "bad/exif-ifd0-offset-out-of-range.jpg" or kind not in STILL_KINDS:
+            continue  # its date is only in XMP; videos come with the PyAV probe
+        if value == "-":
+            assert when is None, name
+            continue
+        assert when is not None and when.tzinfo is not None, name
+        assert when.replace(tzinfo=None, microsecond=0) == _manifest_naive(value), name
+        compared += 1
+    assert compared >= 25
+
+
+def test_capture_time_of_the_jxl_equals_the_jpeg(corpus: Path, tmp_path: Path) -> None:
+    from sftpgate.config import OptimizeConfig
+    from sftpgate.optimize import optimize_file
+
+    result = optimize_file(corpus / "jpeg/hmd-nokia8.3-gps.jpg", tmp_path, OptimizeConfig(), "UTC")
+    assert result.captured_at is not None
+    assert capture_time(Path(result.output or ""), "jxl", "UTC") == result.captured_at
+
+
+@pytest.mark.parametrize(
+    ("value", "offset", "subsec", "expected"),
+    [
+        ("2024:06:01 12:34:56", "+02:00", "5", "2024-06-01T12:34:56.500000+02:00"),
+        ("2024:06:01 12:34:56\x00", "-0330", "", "2024-06-01T12:34:56-03:30"),
+        (b"2024:06:01 12:34:56", b"Z", b"0123", "2024-06-01T12:34:56.012300+00:00"),
+        ("2024:01:15 08:00:00", None, None, "2024-01-15T08:00:00+01:00"),  # Berlin, winter
+        ("2024:01:15 08:00:00", "+99:99", None, "2024-01-15T08:00:00+01:00"),  # bad offset
+        ("2024:01:15 08:00:00", "garbage", None, "2024-01-15T08:00:00+01:00"),
+        ("0000:00:00 00:00:00", "+01:00", None, None),
+        ("    :  :     :  :  ", None, None, None),
+        ("2024:13:01 00:00:00", None, None, None),
+        (None, "+01:00", None, None),
+        (12345, None, None, None),
+    ],
+)
+def test_parse_exif_datetime(
+    value: object, offset: object, subsec: object, expected: str | None
+) -> None:
+    when = parse_exif_datetime(value, offset, subsec, "Europe/Berlin")
+    assert (when.isoformat() if when else None) == expected
+
+
+def test_unknown_zone_name_falls_back_to_local() -> None:
+    when = parse_exif_datetime("2024:01:15 08:00:00", None, None, "Mars/Olympus_Mons")
+    assert when == datetime(2024, 1, 15, 8, 0, 0).astimezone()
