@@ -23,6 +23,7 @@ from .logs import event
 from .metrics import Metrics
 
 _HASH_CHUNK = 1 << 20
+ABANDONED_SECONDS = 86400.0
 
 
 def sha1_of_file(path: Path) -> str:
@@ -82,6 +83,12 @@ class Intake:
         loop = asyncio.get_running_loop()
         sha1 = up.sha1 or await loop.run_in_executor(None, sha1_of_file, up.staged)
         mtime = up.mtime if up.mtime is not None else time.time()
+        temporary = self.is_temporary(up.path)
+        # A duplicate is recognised before it touches watch/, so a re-sent copy can never replace
+        # an original that a worker is about to read.
+        if not temporary and await self._arrived(up.user, up.path, sha1, up.size, mtime):
+            up.staged.unlink(missing_ok=True)
+            return
         # The file carries the client's mtime, so a rescan after a crash between the rename and
         # the ledger insert below still knows it.
         os.utime(up.staged, (mtime, mtime))
@@ -92,7 +99,7 @@ class Intake:
         if previous is not None and previous.state in ("received", "queued"):
             # Overwritten before any work started: the newer bytes are the ones to deliver.
             await self.db(lambda db: db.delete(previous.id))
-        if self.is_temporary(up.path):
+        if temporary:
             await self.db(
                 lambda db: db.insert(
                     user=up.user,
@@ -108,7 +115,7 @@ class Intake:
                 "received", user=up.user, path=up.path, size=up.size, outcome="waiting for rename"
             )
             return
-        await self._admit(up.user, up.path, target, sha1, up.size, mtime, inode)
+        await self._queue(up.user, up.path, sha1, up.size, mtime, inode)
 
     async def renamed(self, user: str, old: str, new: str) -> None:
         """The SFTP layer renamed a file inside watch/: follow it, and finish a temporary upload."""
@@ -159,30 +166,42 @@ class Intake:
         mtime: float,
         inode: int | None,
     ) -> None:
+        """A complete original already in watch/ (renamed from a temporary name, or scanned)."""
+        if await self._arrived(user, path, sha1, size, mtime):
+            await asyncio.get_running_loop().run_in_executor(None, unlink_if_same, target, inode)
+            return
+        await self._queue(user, path, sha1, size, mtime, inode)
+
+    async def _arrived(self, user: str, path: str, sha1: str, size: int, mtime: float) -> bool:
+        """Count a complete original. If this user already delivered the same bytes (reinstalled
+        phone, reset sync database, renamed file), record it as a duplicate — remembered for
+        listings, never sent — and return True."""
         self.metrics.received_files.inc()
         self.metrics.received_bytes.inc(size)
         earlier = await self.db(lambda db: db.delivered_with_sha1(user, sha1))
-        if earlier is not None:
-            # Same bytes as a photo this user already delivered (reinstalled phone, reset sync
-            # database, renamed file): remember it for listings, send nothing.
-            await self.db(
-                lambda db: db.insert(
-                    user=user,
-                    path=path,
-                    state="done",
-                    outcome="duplicate",
-                    sha1=sha1,
-                    size=size,
-                    mtime=mtime,
-                    inode=None,
-                    asset_id=earlier.asset_id,
-                    reason=f"same bytes as {earlier.path}, already delivered",
-                )
+        if earlier is None:
+            return False
+        await self.db(
+            lambda db: db.insert(
+                user=user,
+                path=path,
+                state="done",
+                outcome="duplicate",
+                sha1=sha1,
+                size=size,
+                mtime=mtime,
+                inode=None,
+                asset_id=earlier.asset_id,
+                reason=f"same bytes as {earlier.path}, already delivered",
             )
-            await asyncio.get_running_loop().run_in_executor(None, unlink_if_same, target, inode)
-            self.metrics.processed_files.labels(outcome="duplicate").inc()
-            event("duplicate", user=user, path=path, outcome="duplicate", same_as=earlier.path)
-            return
+        )
+        self.metrics.processed_files.labels(outcome="duplicate").inc()
+        event("duplicate", user=user, path=path, outcome="duplicate", same_as=earlier.path)
+        return True
+
+    async def _queue(
+        self, user: str, path: str, sha1: str, size: int, mtime: float, inode: int | None
+    ) -> None:
         await self.db(
             lambda db: db.insert(
                 user=user, path=path, state="queued", sha1=sha1, size=size, mtime=mtime, inode=inode
@@ -190,6 +209,21 @@ class Intake:
         )
         event("queued", user=user, path=path, size=size)
         self.wake()
+
+    async def remove_abandoned(self, max_age_seconds: float = ABANDONED_SECONDS) -> int:
+        """Forget temporary-name uploads never renamed within a day: the client still has the
+        data and will send it again; keeping them would only fill the disk."""
+        rows = await self.db(lambda db: db.abandoned_temporaries(time.time() - max_age_seconds))
+        for row in rows:
+            unlink_if_same(self.layout.watch_file(row.user, row.path), row.inode)
+            await self.db(lambda db, r=row: db.delete(r.id))
+            event(
+                "abandoned",
+                user=row.user,
+                path=row.path,
+                outcome="temporary upload removed after a day",
+            )
+        return len(rows)
 
     # -- the folder scan ----------------------------------------------------------------------
 

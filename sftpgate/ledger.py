@@ -222,6 +222,10 @@ class Ledger:
         ).fetchone()
         return int(row[0]), int(row[1])
 
+    def abandoned_temporaries(self, before: float) -> list[Original]:
+        """Uploads under a temporary name that were never renamed to a final one."""
+        return self._rows("WHERE state = 'received' AND updated_at < ? ORDER BY id", (before,))
+
     def undone(self) -> list[Original]:
         return self._rows("WHERE state = 'undone' ORDER BY id")
 

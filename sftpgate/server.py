@@ -101,6 +101,8 @@ class Service:
             await asyncio.sleep(self.config.watch.scan_interval_seconds)  # polling interval
             try:
                 await self.intake.scan_watch()
+                await self.intake.remove_abandoned()
+                _remove_stale_parts(self.layout)
             except OSError as exc:
                 event("scan failed", level=30, error=str(exc))
 

@@ -101,7 +101,10 @@ def test_default_value_syntax(tmp_path):
             "immich.url: required but missing",
         ),
         (lambda t: t.replace("http://immich-server:2283", ""), "immich.url: has no value"),
-        (lambda t: t.replace("http://immich-server", "ftp://immich"), "immich.url: must start with http"),
+        (
+            lambda t: t.replace("http://immich-server", "ftp://immich"),
+            "immich.url: must start with http",
+        ),
         (
             lambda t: t.replace("name: phone", "name: undone"),
             "sftp.users[0].name: 'undone' is reserved",
