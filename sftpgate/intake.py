@@ -66,8 +66,6 @@ class Intake:
         self.remember_seconds = remember_days * 86400.0
         self.settle_seconds = settle_seconds
         self.wake = wake
-        # path -> (size, mtime_ns) at the previous scan: a file must look the same twice to settle.
-        self._seen: dict[Path, tuple[int, int]] = {}
 
     def is_temporary(self, path: str) -> bool:
         """A temporary name is not queued until it is renamed to a final one (SPEC §3)."""
@@ -230,24 +228,18 @@ class Intake:
     async def scan_watch(self, settle: bool = True) -> int:
         """Adopt complete files in watch/ that the ledger does not know; return how many.
 
-        With `settle`, a file is adopted only once its size and mtime were the same at two scans
-        at least `settle_seconds` apart from its last change, so a file still being copied in by
-        Samba or `cp` is never taken half-written.
+        With `settle`, a file is adopted only once nothing has touched it for `settle_seconds`:
+        its ctime moves with every write and every mtime change, so a file still being copied in
+        by Samba, FTP or `cp -p` (which sets an old mtime at the end) is never taken half-written.
         """
         loop = asyncio.get_running_loop()
         candidates = await loop.run_in_executor(None, self._walk_watch)
+        known = await self.db(lambda db: db.active_paths())
         adopted = 0
-        now = time.time()
-        seen: dict[Path, tuple[int, int]] = {}
         for user, path, full, st in candidates:
-            if await self.db(lambda db, u=user, p=path: db.active_for_path(u, p)) is not None:
+            if user not in self.users or (user, path) in known:
                 continue
-            key = (st.st_size, st.st_mtime_ns)
-            if settle:
-                seen[full] = key
-                if self._seen.get(full) != key or now - st.st_mtime < self.settle_seconds:
-                    continue
-            if user not in self.users:
+            if settle and time.time() - st.st_ctime < self.settle_seconds:
                 continue
             if full.parent == self.layout.watch:  # a file dropped directly into watch/
                 target = self.layout.watch_file(user, path)
@@ -256,13 +248,12 @@ class Intake:
                 await loop.run_in_executor(None, move_durably, full, target)
                 full = target
             sha1 = await loop.run_in_executor(None, sha1_of_file, full)
-            st2 = full.stat()
-            if (st2.st_size, st2.st_mtime_ns) != key:
-                continue  # changed while hashing: next scan
+            after = full.stat()
+            if (after.st_size, after.st_mtime_ns) != (st.st_size, st.st_mtime_ns):
+                continue  # changed while hashing: the next scan takes it
             event("adopted", user=user, path=path, size=st.st_size)
             await self._admit(user, path, full, sha1, st.st_size, st.st_mtime, st.st_ino)
             adopted += 1
-        self._seen = seen
         return adopted
 
     def _walk_watch(self) -> list[tuple[str, str, Path, os.stat_result]]:

@@ -140,6 +140,10 @@ class Ledger:
         )
         return rows[0] if rows else None
 
+    def active_paths(self) -> set[tuple[str, str]]:
+        """(user, path) of every original not finished yet: one query for a whole folder scan."""
+        return set(self._db.execute(f"SELECT user, path FROM originals WHERE state IN {ACTIVE_STATES}"))
+
     def due(self, now: float, limit: int, exclude: Iterable[int] = ()) -> list[Original]:
         """Originals ready for work: queued and due, oldest first."""
         skip = tuple(exclude) or (-1,)

@@ -13,6 +13,7 @@ import os
 import signal
 import time
 
+import watchfiles
 from aiohttp import web
 
 from .config import Config, parse_listen
@@ -96,15 +97,44 @@ class Service:
         return True, "ok"
 
     async def _scan_forever(self) -> None:
-        """Pick up files that reach watch/ without the SFTP server (a share, a cp)."""
-        while True:
-            await asyncio.sleep(self.config.watch.scan_interval_seconds)  # polling interval
-            try:
-                await self.intake.scan_watch()
-                await self.intake.remove_abandoned()
-                _remove_stale_parts(self.layout)
-            except OSError as exc:
-                event("scan failed", level=30, error=str(exc))
+        """Pick up files that reach watch/ without the SFTP server (a share, a cp).
+
+        inotify (through watchfiles) tells when something changed, so a copied-in file is taken
+        as soon as it has settled; the periodic scan stays for file systems without inotify (NFS,
+        some FUSE shares) and also removes abandoned temporaries and stale parts.
+        """
+        changed = asyncio.Event()
+        notifier = asyncio.create_task(self._watch_changes(changed))
+        interval = self.config.watch.scan_interval_seconds
+        settle = self.config.watch.settle_seconds
+        loop = asyncio.get_running_loop()
+        next_scan = loop.time() + interval
+        try:
+            while True:
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(max(0.0, next_scan - loop.time())):
+                        await changed.wait()
+                if changed.is_set():
+                    changed.clear()
+                    # Look again once the change can have settled.
+                    next_scan = min(next_scan, loop.time() + settle + 0.1)
+                    continue
+                try:
+                    await self.intake.scan_watch()
+                    await self.intake.remove_abandoned()
+                    _remove_stale_parts(self.layout)
+                except OSError as exc:
+                    event("scan failed", level=30, error=str(exc))
+                next_scan = loop.time() + interval
+        finally:
+            notifier.cancel()
+
+    async def _watch_changes(self, changed: asyncio.Event) -> None:
+        try:
+            async for _ in watchfiles.awatch(self.layout.watch, recursive=True, debounce=200):
+                changed.set()
+        except (OSError, RuntimeError) as exc:  # no inotify here (limits, file system): poll only
+            event("inotify unavailable", level=30, error=str(exc), outcome="polling watch/ instead")
 
     async def stop(self) -> None:
         with contextlib.suppress(Exception):
