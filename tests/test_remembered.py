@@ -1,0 +1,98 @@
+"""Remembered files (SPEC §3): a delivered photo stays in the client's view with the size and mtime
+the client gave it, so a sync app never sends it again; `remove` forgets it; it expires after
+`sftp.remember_days`."""
+
+from __future__ import annotations
+
+import time
+
+import asyncssh
+import pytest
+
+from .conftest import PASSWORD, finished
+
+PHOTO = "jpeg/htc-desire-gps.jpg"
+MTIME = 1_600_000_000
+
+
+def connect(service) -> asyncssh.SSHClientConnection:
+    return asyncssh.connect(
+        "127.0.0.1", service.sftp.port, username="phone", password=PASSWORD, known_hosts=None
+    )
+
+
+async def deliver(gate, sftp, corpus, name: str) -> None:
+    await sftp.put(str(corpus / PHOTO), name)
+    await sftp.setstat(name, asyncssh.SFTPAttrs(atime=MTIME, mtime=MTIME))
+    await gate.pipeline.wait_for(finished(1), timeout=60)
+    assert not (gate.layout.watch / "phone" / name).exists()
+
+
+async def test_delivered_files_keep_their_size_and_mtime_and_setstat_works(gate, corpus):
+    size = (corpus / PHOTO).stat().st_size
+    async with connect(gate) as conn, conn.start_sftp_client() as sftp:
+        await sftp.mkdir("DCIM")
+        await deliver(gate, sftp, corpus, "DCIM/IMG_1.jpg")
+        for attrs in (await sftp.stat("DCIM/IMG_1.jpg"), await sftp.lstat("DCIM/IMG_1.jpg")):
+            assert (attrs.size, attrs.mtime) == (size, MTIME)
+        (entry,) = [n for n in await sftp.readdir("DCIM") if n.filename == "IMG_1.jpg"]
+        assert (entry.attrs.size, entry.attrs.mtime) == (size, MTIME)
+        # A sync app that preserves times sets them again after the fact.
+        await sftp.setstat("DCIM/IMG_1.jpg", asyncssh.SFTPAttrs(atime=MTIME + 60, mtime=MTIME + 60))
+        assert (await sftp.stat("DCIM/IMG_1.jpg")).mtime == MTIME + 60
+        # Reading the bytes back is refused with a reason: they live in Immich now.
+        with pytest.raises(asyncssh.SFTPPermissionDenied):
+            await sftp.open("DCIM/IMG_1.jpg", "rb")
+
+
+async def test_remove_forgets_and_never_touches_immich(gate, standin, corpus):
+    async with connect(gate) as conn, conn.start_sftp_client() as sftp:
+        await deliver(gate, sftp, corpus, "IMG_2.jpg")
+        await sftp.remove("IMG_2.jpg")
+        assert "IMG_2.jpg" not in await sftp.listdir(".")
+        with pytest.raises(asyncssh.SFTPNoSuchFile):
+            await sftp.stat("IMG_2.jpg")
+        with pytest.raises(asyncssh.SFTPNoSuchFile):
+            await sftp.remove("IMG_2.jpg")
+    assert len(standin.state.assets) == 1  # the photo is still in Immich
+
+
+async def test_remembered_files_expire_after_remember_days(gate, corpus):
+    async with connect(gate) as conn, conn.start_sftp_client() as sftp:
+        await deliver(gate, sftp, corpus, "IMG_3.jpg")
+        assert "IMG_3.jpg" in await sftp.listdir(".")
+        days = gate.config.sftp.remember_days
+        long_ago = time.time() - (days + 1) * 86400
+        await gate.db(
+            lambda db: db._db.execute("UPDATE originals SET received_at = ?", (long_ago,))
+        )
+        assert "IMG_3.jpg" not in await sftp.listdir(".")
+        with pytest.raises(asyncssh.SFTPNoSuchFile):
+            await sftp.stat("IMG_3.jpg")
+
+
+async def test_a_sync_that_compares_listings_sends_nothing_the_second_time(gate, standin, corpus):
+    """A naive one-way sync: upload every local file whose name, size or mtime differs remotely."""
+    local = {
+        f"IMG_{n}.jpg": corpus / p
+        for n, p in enumerate(["jpeg/htc-desire-gps.jpg", "jpeg/canon-a85-orient8.jpg"])
+    }
+
+    async def sync(sftp: asyncssh.SFTPClient) -> int:
+        remote = {n.filename: n.attrs for n in await sftp.readdir("Camera")}
+        sent = 0
+        for name, path in local.items():
+            st = path.stat()
+            attrs = remote.get(name)
+            if attrs is None or attrs.size != st.st_size or attrs.mtime != int(st.st_mtime):
+                await sftp.put(str(path), f"Camera/{name}", preserve=True)
+                sent += 1
+        return sent
+
+    async with connect(gate) as conn, conn.start_sftp_client() as sftp:
+        await sftp.mkdir("Camera")
+        assert await sync(sftp) == 2
+        await gate.pipeline.wait_for(lambda c: c.get("done", 0) == 2, timeout=60)
+        assert not any(p.is_file() for p in (gate.layout.watch / "phone" / "Camera").iterdir())
+        assert await sync(sftp) == 0
+    assert standin.state.uploads_received == 2
