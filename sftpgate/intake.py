@@ -19,7 +19,7 @@ from pathlib import Path
 
 from .layout import Layout, move_durably, unlink_if_same
 from .ledger import LedgerThread, Remembered
-from .logs import event
+from .logs import file_event
 from .metrics import Metrics
 
 _HASH_CHUNK = 1 << 20
@@ -109,8 +109,13 @@ class Intake:
                     inode=inode,
                 )
             )
-            event(
-                "received", user=up.user, path=up.path, size=up.size, outcome="waiting for rename"
+            file_event(
+                "received",
+                user=up.user,
+                path=up.path,
+                stage="receive",
+                outcome="waiting for rename",
+                size=up.size,
             )
             return
         await self._queue(up.user, up.path, sha1, up.size, mtime, inode)
@@ -135,7 +140,13 @@ class Intake:
         row = await self.db(lambda db: db.active_for_path(user, path))
         if row is not None and row.state in ("received", "queued"):
             await self.db(lambda db: db.delete(row.id))
-            event("removed", user=user, path=path, outcome="removed by the client before delivery")
+            file_event(
+                "removed",
+                user=user,
+                path=path,
+                stage="receive",
+                outcome="removed by the client before delivery",
+            )
 
     async def forget(self, user: str, path: str) -> bool:
         return await self.db(lambda db: db.forget(user, path))
@@ -194,7 +205,14 @@ class Intake:
             )
         )
         self.metrics.processed_files.labels(outcome="duplicate").inc()
-        event("duplicate", user=user, path=path, outcome="duplicate", same_as=earlier.path)
+        file_event(
+            "duplicate",
+            user=user,
+            path=path,
+            stage="receive",
+            outcome="duplicate",
+            same_as=earlier.path,
+        )
         return True
 
     async def _queue(
@@ -205,7 +223,7 @@ class Intake:
                 user=user, path=path, state="queued", sha1=sha1, size=size, mtime=mtime, inode=inode
             )
         )
-        event("queued", user=user, path=path, size=size)
+        file_event("queued", user=user, path=path, stage="receive", outcome="queued", size=size)
         self.wake()
 
     async def remove_abandoned(self, max_age_seconds: float = ABANDONED_SECONDS) -> int:
@@ -215,10 +233,11 @@ class Intake:
         for row in rows:
             unlink_if_same(self.layout.watch_file(row.user, row.path), row.inode)
             await self.db(lambda db, r=row: db.delete(r.id))
-            event(
+            file_event(
                 "abandoned",
                 user=row.user,
                 path=row.path,
+                stage="receive",
                 outcome="temporary upload removed after a day",
             )
         return len(rows)
@@ -251,7 +270,14 @@ class Intake:
             after = full.stat()
             if (after.st_size, after.st_mtime_ns) != (st.st_size, st.st_mtime_ns):
                 continue  # changed while hashing: the next scan takes it
-            event("adopted", user=user, path=path, size=st.st_size)
+            file_event(
+                "adopted",
+                user=user,
+                path=path,
+                stage="receive",
+                outcome="found in watch/",
+                size=st.st_size,
+            )
             await self._admit(user, path, full, sha1, st.st_size, st.st_mtime, st.st_ino)
             adopted += 1
         return adopted

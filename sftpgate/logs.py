@@ -18,6 +18,20 @@ def event(name: str, level: int = logging.INFO, **fields: Any) -> None:
     log.log(level, name, extra={"fields": {k: v for k, v in fields.items() if v is not None}})
 
 
+def file_event(
+    name: str,
+    *,
+    user: str,
+    path: str,
+    stage: str,
+    outcome: str,
+    level: int = logging.INFO,
+    **fields: Any,
+) -> None:
+    """A line about one file: always its user, path, stage (receive, optimize, upload) and outcome."""
+    event(name, level, user=user, path=path, stage=stage, outcome=outcome, **fields)
+
+
 def _quote(value: Any) -> str:
     text = str(value)
     return (

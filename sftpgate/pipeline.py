@@ -24,7 +24,7 @@ from .immich.client import ImmichClient, PermanentImmichError, TransientImmichEr
 from .intake import sha1_of_file
 from .layout import Layout, fsync_dir, move_durably, unlink_if_same
 from .ledger import LedgerThread, Original
-from .logs import event
+from .logs import event, file_event
 from .metrics import Metrics
 from .optimize import OptimizeResult, optimize_file
 from .workers import CodecPool, CodecWorkerError
@@ -79,11 +79,12 @@ class Pipeline:
                     )
                 else:
                     await self.db(lambda db, r=row: db.delete(r.id))
-                    event(
+                    file_event(
                         "lost",
                         level=30,
                         user=row.user,
                         path=row.path,
+                        stage=row.state,
                         outcome="original vanished from watch/",
                     )
             elif row.state in ("optimizing", "uploading"):
@@ -186,7 +187,15 @@ class Pipeline:
             await asyncio.shield(self.db(lambda db: db.update(row.id, state="queued")))
             raise
         except Exception as exc:  # a bug must cost one file a retry, never the dispatcher
-            event("internal error", level=40, user=row.user, path=row.path, error=repr(exc))
+            file_event(
+                "internal error",
+                level=40,
+                user=row.user,
+                path=row.path,
+                stage=row.state,
+                outcome="retry",
+                error=repr(exc),
+            )
             await self._retry_later(row, "internal", f"internal error: {exc!r}")
         finally:
             with contextlib.suppress(Exception):
@@ -237,10 +246,11 @@ class Pipeline:
                 captured_at=captured,
             )
         )
-        event(
+        file_event(
             "optimized",
             user=row.user,
             path=row.path,
+            stage="optimize",
             kind=result.kind,
             outcome=result.decision,
             reason=result.reason,
@@ -294,10 +304,11 @@ class Pipeline:
         self.metrics.processed_files.labels(outcome=outcome).inc()
         self.metrics.original_bytes.inc(row.size)
         self.metrics.stored_bytes.inc(row.bytes_out or row.size)
-        event(
+        file_event(
             "delivered",
             user=row.user,
             path=row.path,
+            stage="upload",
             outcome=outcome,
             asset=row.asset_id,
             immich=immich_status,
@@ -320,8 +331,15 @@ class Pipeline:
             await self.immich.add_to_album(api_key, album_id, [asset_id])
         except (TransientImmichError, PermanentImmichError) as exc:
             # The photo is in Immich; a missing album entry is not worth a second upload.
-            event(
-                "album failed", level=30, user=row.user, path=row.path, album=name, error=str(exc)
+            file_event(
+                "album failed",
+                level=30,
+                user=row.user,
+                path=row.path,
+                stage="upload",
+                outcome="not in album",
+                album=name,
+                error=str(exc),
             )
 
     async def _retry_later(
@@ -347,12 +365,13 @@ class Pipeline:
             )
         )
         self.metrics.retries.inc()
-        event(
+        file_event(
             "retry later",
             level=30,
             user=row.user,
             path=row.path,
             stage=stage,
+            outcome="retry",
             reason=reason,
             in_seconds=round(delay, 1),
         )
@@ -395,7 +414,7 @@ class Pipeline:
             )
         )
         self.metrics.processed_files.labels(outcome="undone").inc()
-        event(
+        file_event(
             "undone",
             level=30,
             user=row.user,
