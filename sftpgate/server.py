@@ -45,7 +45,9 @@ class Service:
         self.layout.ensure(users)
         _remove_stale_parts(self.layout)
         self.db = LedgerThread(Ledger(self.layout.ledger))
-        self.pool = CodecPool(cfg.optimize.workers or os.cpu_count() or 1)
+        self.pool = CodecPool(
+            cfg.optimize.workers or os.cpu_count() or 1, preload=("sftpgate.optimize",)
+        )
         await self.pool.start()
         self.immich = ImmichClient(cfg.immich.url, timeout_seconds=cfg.immich.timeout_seconds)
         self.pipeline = Pipeline(cfg, self.layout, self.db, self.pool, self.immich, self.metrics)

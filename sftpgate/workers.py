@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import importlib
 import multiprocessing
 import os
 import traceback
@@ -28,9 +29,11 @@ class CodecWorkerError(Exception):
     """The worker died (crash, out of memory) or exceeded its time limit while on this job."""
 
 
-def _serve(conn: Connection, nice: int) -> None:
+def _serve(conn: Connection, nice: int, preload: tuple[str, ...]) -> None:
     with contextlib.suppress(OSError):
         os.nice(nice)
+    for module in preload:  # import the codecs now, not on the first file's clock
+        importlib.import_module(module)
     while True:
         try:
             fn, args = conn.recv()
@@ -43,10 +46,12 @@ def _serve(conn: Connection, nice: int) -> None:
 
 
 class _Slot:
-    def __init__(self, ctx: multiprocessing.context.BaseContext, nice: int) -> None:
+    def __init__(
+        self, ctx: multiprocessing.context.BaseContext, nice: int, preload: tuple[str, ...]
+    ) -> None:
         self.conn, child = ctx.Pipe()
         self.process: BaseProcess = ctx.Process(  # type: ignore[attr-defined]
-            target=_serve, args=(child, nice), daemon=True, name="sftpgate-codec"
+            target=_serve, args=(child, nice, preload), daemon=True, name="sftpgate-codec"
         )
         self.process.start()
         child.close()
@@ -59,9 +64,10 @@ class _Slot:
 
 
 class CodecPool:
-    def __init__(self, size: int, nice: int = WORKER_NICE) -> None:
+    def __init__(self, size: int, nice: int = WORKER_NICE, preload: tuple[str, ...] = ()) -> None:
         self.size = max(1, size)
         self._nice = nice
+        self._preload = preload
         # spawn: the service process has threads (sqlite, asyncio executors); forking it is unsafe.
         self._ctx = multiprocessing.get_context("spawn")
         self._free: asyncio.Queue[_Slot] = asyncio.Queue()
@@ -69,7 +75,7 @@ class CodecPool:
 
     async def start(self) -> None:
         for _ in range(self.size):
-            slot = _Slot(self._ctx, self._nice)
+            slot = _Slot(self._ctx, self._nice, self._preload)
             self._all.add(slot)
             self._free.put_nowait(slot)
 
@@ -111,7 +117,7 @@ class CodecPool:
     def _replace(self, slot: _Slot) -> None:
         slot.kill()
         self._all.discard(slot)
-        fresh = _Slot(self._ctx, self._nice)
+        fresh = _Slot(self._ctx, self._nice, self._preload)
         self._all.add(fresh)
         self._free.put_nowait(fresh)
 

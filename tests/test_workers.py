@@ -1,0 +1,52 @@
+"""Codec worker processes: a crash or a hang costs exactly that one file, never the pool or the
+server, and workers run at a lower CPU priority than the server."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import time
+
+import pytest
+
+from sftpgate.workers import WORKER_NICE, CodecPool, CodecWorkerError
+
+
+def crash() -> None:
+    os.kill(os.getpid(), signal.SIGSEGV)  # what a codec bug looks like from outside
+
+
+def hang() -> None:
+    time.sleep(3600)
+
+
+def fail() -> None:
+    raise RuntimeError("JPEG bitstream reconstruction data could not be represented")
+
+
+def niceness_and_pid() -> tuple[int, int]:
+    return os.nice(0), os.getpid()
+
+
+async def test_crash_hang_and_error_fail_only_their_job():
+    pool = CodecPool(2, preload=("json",))
+    await pool.start()
+    try:
+        pids_before = set(pool.pids)
+        with pytest.raises(CodecWorkerError, match="died"):
+            await pool.run(crash, timeout=30)
+        with pytest.raises(CodecWorkerError, match="longer than 1 s"):
+            await pool.run(hang, timeout=1)
+        with pytest.raises(CodecWorkerError, match="RuntimeError: JPEG bitstream"):
+            await pool.run(fail, timeout=30)
+        # Meanwhile and afterwards, the pool serves other jobs at full size.
+        results = await asyncio.gather(*(pool.run(niceness_and_pid, timeout=30) for _ in range(6)))
+        assert {nice for nice, _ in results} == {WORKER_NICE}
+        assert len(pool.pids) == 2
+        assert len(set(pool.pids) - pids_before) == 2, (
+            "the crashed and the stuck worker were replaced"
+        )
+    finally:
+        await pool.close()
+    assert not any(os.path.exists(f"/proc/{pid}") for pid in pids_before)
