@@ -129,7 +129,7 @@ async def sync_app(
             await asyncio.sleep(0.05)  # the service is restarting: back off briefly, then retry
 
 
-@pytest.mark.timeout(600)
+@pytest.mark.timeout(120 + KILLS * 10)
 async def test_sigkill_at_random_instants_loses_nothing_and_duplicates_nothing(
     tmp_path, standin, corpus, host_keys_dir, client_key
 ):
