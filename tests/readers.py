@@ -12,8 +12,10 @@ from pathlib import Path
 import pytest
 
 PHOTO_TAGS = [
-    "DateTimeOriginal",
-    "OffsetTimeOriginal",
+    # The EXIF tags themselves: exiftool otherwise fills in a Composite DateTimeOriginal from
+    # IPTC DateCreated/TimeCreated, which libjxl keeps only inside its JPEG reconstruction data.
+    "EXIF:DateTimeOriginal",
+    "EXIF:OffsetTimeOriginal",
     "GPSLatitude",
     "GPSLongitude",
     "Orientation",
@@ -37,7 +39,7 @@ def exiftool(path: Path, tags: list[str]) -> dict[str, object]:
         check=True,
     )
     doc = json.loads(out.stdout)[0]
-    return {t: doc.get(t) for t in tags}
+    return {t: doc.get(t.split(":")[-1]) for t in tags}  # exiftool names keys without group
 
 
 def icc_description(path: Path) -> str | None:
@@ -61,3 +63,44 @@ def icc_description(path: Path) -> str | None:
 def photo_metadata(path: Path) -> dict[str, object]:
     """What must survive optimizing, as an independent reader sees it."""
     return {**exiftool(path, PHOTO_TAGS), "ICC": icc_description(path)}
+
+
+def ffprobe(path: Path) -> dict[str, object]:
+    """ffprobe's (Debian's FFmpeg 5.1, not the PyAV build under test) view of a video file."""
+    _need("ffprobe", "ffmpeg")
+    out = subprocess.run(
+        [
+            "ffprobe", "-v", "error", "-of", "json", "-show_format", "-show_streams",
+            "-show_entries", "stream_side_data=rotation", str(path),
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    )  # fmt: skip
+    return json.loads(out.stdout)
+
+
+def video_metadata(path: Path) -> dict[str, object]:
+    """What must survive a video conversion (SPEC §4), as ffprobe and exiftool see it."""
+    probe = ffprobe(path)
+    fmt = probe["format"]
+    tags = fmt.get("tags", {})
+    streams = probe["streams"]
+    video = next(s for s in streams if s["codec_type"] == "video")
+    rotation = next(
+        (int(d["rotation"]) for d in video.get("side_data_list", []) if "rotation" in d), 0
+    )
+    gps = exiftool(path, ["GPSLatitude", "GPSLongitude", "Make", "Model"])
+    return {
+        "creation_time": tags.get("creation_time"),
+        "location": tags.get("location"),
+        "apple_location": tags.get("com.apple.quicktime.location.ISO6709"),
+        "apple_creationdate": tags.get("com.apple.quicktime.creationdate"),
+        "make": tags.get("com.apple.quicktime.make") or tags.get("make"),
+        "model": tags.get("com.apple.quicktime.model") or tags.get("model"),
+        "rotation": rotation,
+        "audio_streams": sum(1 for s in streams if s["codec_type"] == "audio"),
+        "width_height": (video["width"], video["height"]),
+        "exiftool": gps,
+        "duration": float(fmt["duration"]),
+    }

@@ -124,3 +124,26 @@ def test_parse_exif_datetime(
 def test_unknown_zone_name_falls_back_to_local() -> None:
     when = parse_exif_datetime("2024:01:15 08:00:00", None, None, "Mars/Olympus_Mons")
     assert when == datetime(2024, 1, 15, 8, 0, 0).astimezone()
+
+
+def test_every_corpus_video_date_agrees_with_ffprobe(
+    corpus: Path, manifest: dict[str, dict[str, str]]
+) -> None:
+    from tests.readers import ffprobe
+
+    compared = 0
+    for name, row in manifest.items():
+        if row["kind"] != "video":
+            continue
+        tags = ffprobe(corpus / name)["format"]["tags"]
+        when = capture_time(corpus / name, "video", "America/New_York")
+        assert when is not None and when.tzinfo is not None, name
+        apple = tags.get("com.apple.quicktime.creationdate")
+        if apple:  # local time with its offset, preferred (as Immich does)
+            assert when == datetime.strptime(apple, "%Y-%m-%dT%H:%M:%S%z"), name
+        else:  # creation_time is UTC; the configured zone plays no part
+            assert when.utcoffset() == timedelta(0), name
+            utc = row["datetime_original_or_creation_time"]
+            assert when.isoformat() == datetime.fromisoformat(utc).isoformat(), name
+        compared += 1
+    assert compared == 7

@@ -15,10 +15,11 @@ from pathlib import Path
 
 import pillow_jxl
 import pytest
-from PIL import Image
+from PIL import Image, ImageCms, ImageOps
 
 from sftpgate.config import JpegConfig, OptimizeConfig
 from sftpgate.optimize import OptimizeResult, jpeg, jxlboxes, optimize_file
+from tests.readers import exiftool
 
 CONFIG = OptimizeConfig()
 EXIFTOOL_TAGS = ("DateTimeOriginal", "GPSLatitude", "GPSLongitude", "Orientation", "Make", "Model")
@@ -286,15 +287,11 @@ def test_jpeg_named_otherwise_is_converted(corpus: Path, tmp_path: Path) -> None
         assert (result.kind, result.decision, result.extension) == ("jpeg", "converted", ".jxl")
 
 
-def test_mode_keep_and_lossy_fallback(corpus: Path, tmp_path: Path) -> None:
-    src = corpus / "jpeg/canon-sx60-orient6.jpg"
+def test_mode_keep(corpus: Path, tmp_path: Path) -> None:
     keep = dataclasses.replace(CONFIG, jpeg=JpegConfig(mode="keep"))
-    lossy = dataclasses.replace(CONFIG, jpeg=JpegConfig(mode="lossy"))
-    kept = optimize_file(src, tmp_path, keep, "")
+    kept = optimize_file(corpus / "jpeg/canon-sx60-orient6.jpg", tmp_path, keep, "")
     assert (kept.decision, "optimize.jpeg.mode" in kept.reason) == ("kept", True)
     assert list(tmp_path.iterdir()) == []
-    fallback = optimize_file(src, tmp_path, lossy, "")
-    assert fallback.decision == "converted" and "lossless transcode was used" in fallback.reason
 
 
 def test_parse_jpeg_reports_structure(corpus: Path) -> None:
@@ -330,3 +327,141 @@ def test_brob_rewrite_keeps_reconstruction_bit_exact(corpus: Path) -> None:
         jxlboxes.decompress_brob_boxes(raw, limit=10)  # the Brotli expansion guard
     with pytest.raises(jxlboxes.JxlBoxError):
         jxlboxes.decompress_brob_boxes(raw[: len(raw) // 2], limit=len(data))  # truncated
+
+
+# -- lossy mode ----------------------------------------------------------------------------------
+
+LOSSY = dataclasses.replace(CONFIG, jpeg=JpegConfig(mode="lossy", quality=90, effort=3))
+LOSSY_TAGS = ("DateTimeOriginal", "OffsetTimeOriginal", "GPSLatitude", "GPSLongitude", "Make")
+
+
+def _djxl_pixels(jxl: Path, tmp_path: Path) -> Image.Image:
+    if shutil.which("djxl") is None:
+        pytest.skip("djxl is not installed (apt-get install libjxl-tools)")
+    target = tmp_path / "decoded.png"
+    subprocess.run(["djxl", str(jxl), str(target)], check=True, capture_output=True)
+    with Image.open(target) as im:
+        return im.convert("RGB")
+
+
+def _mean_difference(a: Image.Image, b: Image.Image) -> float:
+    pairs = zip(a.tobytes(), b.tobytes(), strict=True)
+    return sum(abs(x - y) for x, y in pairs) / (a.width * a.height * 3)
+
+
+@pytest.mark.parametrize(
+    "name", ["jpeg/samsung-sm-j327t1-orient6.jpg", "jpeg/canon-a85-orient8.jpg"]
+)
+def test_lossy_applies_the_orientation_and_resets_the_tag(
+    corpus: Path, tmp_path: Path, name: str
+) -> None:
+    src = corpus / name
+    result = optimize_file(src, tmp_path / "work", LOSSY, "")
+    assert result.decision == "converted" and "lossy JPEG XL" in result.reason, result.reason
+    assert "orientation applied" in result.reason
+    output = Path(result.output or "")
+    before, after = _exiftool([src])[0], _exiftool([output])[0]
+    assert before["Orientation"] in (6, 8) and after["Orientation"] == 1
+    assert {t: after.get(t) for t in EXIFTOOL_TAGS if t != "Orientation"} == {
+        t: before.get(t) for t in EXIFTOOL_TAGS if t != "Orientation"
+    }
+    decoded = _djxl_pixels(output, tmp_path)
+    with Image.open(src) as im:
+        upright = ImageOps.exif_transpose(im).convert("RGB")
+    assert decoded.size == upright.size != im.size  # width and height swapped
+    assert _mean_difference(decoded, upright) < 3  # the same picture, upright
+
+
+def test_lossy_converts_adobe_rgb_to_srgb(corpus: Path, tmp_path: Path) -> None:
+    # An Adobe RGB JPEG without IPTC (made from the corpus file's pixels and profile), so lossy
+    # mode applies: the JXL must show the colours a colour-managed viewer shows for the JPEG.
+    with Image.open(corpus / "jpeg/canon-eos7d-adobergb-xmp.jpg") as im:
+        icc, exif = im.info["icc_profile"], im.info["exif"]
+        src = tmp_path / "adobe.jpg"
+        im.save(src, "JPEG", quality=95, icc_profile=icc, exif=exif)
+    result = optimize_file(src, tmp_path / "work", LOSSY, "")
+    assert result.decision == "converted" and "'Adobe RGB (1998)' to sRGB" in result.reason
+    assert result.metadata_kept == ("EXIF",)
+    decoded = _djxl_pixels(Path(result.output or ""), tmp_path)
+    with Image.open(src) as im:
+        profile = ImageCms.ImageCmsProfile(io.BytesIO(icc))
+        managed = ImageCms.profileToProfile(im, profile, ImageCms.createProfile("sRGB"))
+        unmanaged = im.convert("RGB")
+    assert managed is not None
+    assert _mean_difference(decoded, managed) < 2 < _mean_difference(decoded, unmanaged)
+
+
+def test_lossy_keeps_exif_maker_note_and_xmp_visible(corpus: Path, tmp_path: Path) -> None:
+    src = corpus / "jpeg/apple-iphone6s-livephoto.jpg"  # the Live Photo pairing is in the MakerNote
+    result = optimize_file(src, tmp_path / "work", LOSSY, "")
+    assert result.decision == "converted" and "lossy" in result.reason
+    output = Path(result.output or "")
+    tags = ["MediaGroupUUID", *LOSSY_TAGS, "Model"]
+    assert exiftool(output, tags) == exiftool(src, tags)
+    assert exiftool(output, ["MediaGroupUUID"])["MediaGroupUUID"]
+
+
+def test_lossy_keeps_xmp(corpus: Path, tmp_path: Path) -> None:
+    with Image.open(corpus / "jpeg/canon-sx60-orient6.jpg") as im:
+        xmp = im.info["xmp"]
+        src = tmp_path / "xmp.jpg"
+        im.save(src, "JPEG", quality=95, exif=im.info["exif"], xmp=xmp)
+    result = optimize_file(src, tmp_path / "work", LOSSY, "")
+    assert result.decision == "converted" and result.metadata_kept == ("EXIF", "XMP")
+    tags = ["XMPToolkit", "Rating"]
+    assert exiftool(Path(result.output or ""), tags) == exiftool(src, tags)
+
+
+@pytest.mark.parametrize(
+    ("name", "why"),
+    [
+        ("jpeg/android-depthmap-extended-xmp.jpg", "extended XMP"),
+        ("jpeg/nikon-d5000-gps-xmp.jpeg", "IPTC"),
+    ],
+)
+def test_lossy_falls_back_to_lossless_rather_than_lose_metadata(
+    corpus: Path, tmp_path: Path, name: str, why: str
+) -> None:
+    result = optimize_file(corpus / name, tmp_path / "work", LOSSY, "")
+    assert result.decision == "converted" and "bit-exact" in result.reason
+    assert f"lossy mode not used: its {why}" in result.reason
+
+
+def test_exif_orientation_reset_patches_one_value(corpus: Path) -> None:
+    info = jpeg.parse_jpeg((corpus / "jpeg/canon-sx60-orient6.jpg").read_bytes())
+    patched = jpeg.exif_with_orientation_reset(info.exif)
+    assert len(patched) == len(info.exif)
+    assert sum(a != b for a, b in zip(patched, info.exif, strict=True)) == 1
+    exif = Image.Exif()
+    exif.load(patched)
+    assert exif[0x0112] == 1
+    with pytest.raises(ValueError):
+        jpeg.exif_with_orientation_reset(b"garbage")
+
+
+def _with_iptc(jpeg_bytes: bytes, datasets: list[tuple[int, bytes]]) -> bytes:
+    """`jpeg_bytes` with an APP13 Photoshop segment holding these IPTC application records."""
+    iim = b"".join(b"\x1c\x02" + bytes([n]) + struct.pack(">H", len(v)) + v for n, v in datasets)
+    iim += b"\x00" * (len(iim) % 2)
+    resource = b"8BIM" + struct.pack(">H", 0x0404) + b"\x00\x00" + struct.pack(">I", len(iim))
+    payload = b"Photoshop 3.0\x00" + resource + iim
+    return (
+        jpeg_bytes[:2]
+        + b"\xff\xed"
+        + struct.pack(">H", 2 + len(payload))
+        + payload
+        + jpeg_bytes[2:]
+    )
+
+
+def test_iptc_without_xmp_is_kept_visible(corpus: Path, tmp_path: Path) -> None:
+    # No XMP mirror: in a JPEG XL the keywords would sit in the jbrd box, where exiftool (and so
+    # Immich) cannot see them.
+    base = (corpus / "jpeg/htc-desire-gps.jpg").read_bytes()
+    tagged, empty = tmp_path / "keywords.jpg", tmp_path / "version-only.jpg"
+    tagged.write_bytes(_with_iptc(base, [(0, b"\x00\x04"), (25, b"Mongolia")]))
+    empty.write_bytes(_with_iptc(base, [(0, b"\x00\x04"), (120, b"  ")]))
+    assert exiftool(tagged, ["Keywords"])["Keywords"] == "Mongolia"
+    kept = optimize_file(tagged, tmp_path / "work", CONFIG, "")
+    assert kept.decision == "kept" and "IPTC" in kept.reason
+    assert optimize_file(empty, tmp_path / "work", CONFIG, "").decision == "converted"

@@ -15,7 +15,7 @@ from datetime import datetime
 from pathlib import Path
 
 from sftpgate.config import OptimizeConfig
-from sftpgate.optimize import dates, jpeg, kinds
+from sftpgate.optimize import dates, jpeg, kinds, png, video
 
 __all__ = ["OptimizeResult", "optimize_file"]
 
@@ -43,8 +43,8 @@ _ALREADY_EFFICIENT = {
     "jxl": "kept as it is: the file is already JPEG XL",
     "gif": "kept as it is: GIF is not converted",
     "raw": "kept as it is: camera RAW files are never converted",
-    "video": "kept as it is: video conversion is not enabled yet",
 }
+_MEGABYTE = 1 << 20
 
 
 def optimize_file(
@@ -116,17 +116,24 @@ def _optimize(out: _Outcome, work_dir: Path, config: OptimizeConfig) -> Optimize
     if kind == "jpeg" and data is not None and probe.jpeg is not None:
         return _optimize_jpeg(out, data, probe, work_dir, config)
     if kind == "png":
-        if config.png.mode == "keep":
-            reason = "kept as it is: PNG conversion is disabled (optimize.png.mode: keep)"
-        else:
-            reason = "kept as it is: PNG conversion is not enabled"
-        return out.make(KEPT, reason, probe.metadata)
+        return _optimize_png(out, probe, work_dir, config)
+    if kind == "video":
+        return _optimize_video(out, head, work_dir, config)
     if kind == "heic" and probe.note == "motion photo":
         reason = "kept as it is: HEIC motion photo (the image and its embedded video stay together)"
         return out.make(KEPT, reason, probe.metadata)
     if kind == "gif" and probe.note:
         return out.make(KEPT, "kept as it is: animated GIF is not converted", probe.metadata)
     return out.make(KEPT, _ALREADY_EFFICIENT[kind], probe.metadata)
+
+
+def _too_small_a_saving(saving: float, what: str, config: OptimizeConfig) -> str | None:
+    if saving >= config.min_savings:
+        return None
+    return (
+        f"kept as it is: {what} would save only {saving:.1%}, less than "
+        f"optimize.min_savings ({config.min_savings:.0%})"
+    )
 
 
 def _optimize_jpeg(
@@ -144,22 +151,20 @@ def _optimize_jpeg(
     reason = jpeg.keep_reason(info)
     if reason:
         return out.make(KEPT, reason, probe.metadata)
+    note = ""
+    if config.jpeg.mode == "lossy":
+        lossy, note = _lossy_jpeg(out, data, info, work_dir, config)
+        if lossy is not None:
+            return lossy
     done = jpeg.transcode_lossless(data, info, probe.width, probe.height, config.jpeg.effort)
     if done.decision != CONVERTED or done.jxl is None:
         metadata = probe.metadata if done.decision == KEPT else ()
         return out.make(done.decision, done.reason, metadata)
     saving = 1 - len(done.jxl) / len(data)
-    if saving < config.min_savings:
-        return out.make(
-            KEPT,
-            f"kept as it is: JPEG XL would save only {saving:.1%}, less than "
-            f"optimize.min_savings ({config.min_savings:.0%})",
-            probe.metadata,
-        )
-    output = write_atomically(work_dir, output_name(out.src, data, ".jxl"), done.jxl)
-    note = ""
-    if config.jpeg.mode == "lossy":
-        note = " (lossy mode is not implemented yet, so the lossless transcode was used)"
+    small = _too_small_a_saving(saving, "JPEG XL", config)
+    if small:
+        return out.make(KEPT, small + note, probe.metadata)
+    output = write_atomically(work_dir, output_name(out.src, _sha1(data), ".jxl"), done.jxl)
     return out.make(
         CONVERTED,
         f"converted to JPEG XL by lossless transcoding, verified bit-exact: {len(data):,} → "
@@ -170,8 +175,132 @@ def _optimize_jpeg(
     )
 
 
-def output_name(src: Path, data: bytes, extension: str) -> str:
-    """Deterministic name of the optimized file for this original.
+def _lossy_jpeg(
+    out: _Outcome, data: bytes, info: jpeg.JpegInfo, work_dir: Path, config: OptimizeConfig
+) -> tuple[OptimizeResult | None, str]:
+    """The converted result of lossy mode, or (None, why the lossless transcode is used)."""
+    blocker = jpeg.lossy_blocker(info)
+    if blocker:
+        return None, f" (lossy mode not used: {blocker})"
+    quality = config.jpeg.quality
+    try:
+        lossy = jpeg.transcode_lossy(data, info, quality, config.jpeg.effort)
+    except Exception as exc:  # a sound JPEG that libjxl or ImageCms refused: lossless still works
+        return None, f" (lossy mode failed: {exc})"
+    saving = 1 - len(lossy.jxl) / len(data)
+    if saving < config.min_savings:
+        return None, f" (lossy JPEG XL would save only {saving:.1%})"
+    output = write_atomically(work_dir, output_name(out.src, _sha1(data), ".jxl"), lossy.jxl)
+    done = "; ".join(("decodes at full size", *lossy.notes))
+    reason = (
+        f"converted to lossy JPEG XL (quality {quality}): {done}: {len(data):,} → "
+        f"{len(lossy.jxl):,} bytes ({saving:.1%} smaller)"
+    )
+    return out.make(CONVERTED, reason, lossy.metadata, output, len(lossy.jxl)), ""
+
+
+def _optimize_png(
+    out: _Outcome, probe: kinds.Probe, work_dir: Path, config: OptimizeConfig
+) -> OptimizeResult:
+    if config.png.mode == "keep":
+        reason = "kept as it is: PNG conversion is disabled (optimize.png.mode: keep)"
+        return out.make(KEPT, reason, probe.metadata)
+    chunks = png.read_chunks(out.src)
+    if chunks.problem:
+        return out.make(UNREADABLE, f"the PNG cannot be read: {chunks.problem}")
+    reason = png.keep_reason(chunks)
+    if reason:
+        return out.make(KEPT, reason, probe.metadata)
+    try:
+        done = png.convert(out.src, config.png.effort, config.max_pixels)
+    except png.DamagedPng as exc:
+        return out.make(UNREADABLE, str(exc))
+    except png.KeepPng as exc:
+        return out.make(KEPT, str(exc), probe.metadata)
+    saving = 1 - len(done.jxl) / out.size
+    small = _too_small_a_saving(saving, "lossless JPEG XL", config)
+    if small:
+        return out.make(KEPT, small, probe.metadata)
+    digest = _file_sha1(out.src)
+    output = write_atomically(work_dir, output_name(out.src, digest, ".jxl"), done.jxl)
+    return out.make(
+        CONVERTED,
+        f"converted to lossless JPEG XL ({done.mode}), verified pixel-identical: {out.size:,} → "
+        f"{len(done.jxl):,} bytes ({saving:.1%} smaller)",
+        done.metadata,
+        output,
+        len(done.jxl),
+    )
+
+
+def _optimize_video(
+    out: _Outcome, head: bytes, work_dir: Path, config: OptimizeConfig
+) -> OptimizeResult:
+    src = out.src
+    before = src.stat()
+    info = video.inspect(src, head, config.max_pixels)
+    if info.problem:
+        return out.make(UNREADABLE, info.problem)
+    metadata = video.metadata_present(info)
+    reason = video.keep_reason(info, config.video)
+    if reason:
+        return out.make(KEPT, reason, metadata)
+    name = output_name(src, _file_sha1(src), "." + video.output_format(info, config.video))
+    with AtomicOutput(work_dir, name) as target:
+        # The encode gets 80% of the worker's time limit; verification decodes it all again.
+        budget = video.Budget(
+            0.8 * config.time_limit_seconds, round(info.duration * info.fps), out.started
+        )
+        try:
+            encoded = video.transcode(src, info, target.temp, config.video, budget)
+        except video.TooSlow as exc:
+            target.discard()
+            return out.make(KEPT, f"kept as it is: {exc}", metadata)
+        except Exception as exc:  # the source decoded at probe time: keep it, say why
+            target.discard()
+            return out.make(KEPT, f"kept as it is: the conversion failed ({exc})", metadata)
+        after = src.stat()
+        if (after.st_size, after.st_mtime_ns) != (before.st_size, before.st_mtime_ns):
+            raise OSError("the file changed while it was being converted")
+        size = target.temp.stat().st_size
+        saving = 1 - size / out.size
+        small = _too_small_a_saving(saving, "the conversion", config)
+        if small:
+            target.discard()
+            return out.make(KEPT, small, metadata)
+        try:
+            video.verify(info, target.temp, encoded.frames, config.video)
+        except Exception as exc:
+            target.discard()
+            return out.make(
+                KEPT, f"kept as it is: the video could not be verified ({exc})", metadata
+            )
+        output = target.commit()
+    return out.make(
+        CONVERTED,
+        f"converted to {video.describe(info, config.video, encoded)}; verified (decodes, "
+        f"duration, dimensions, rotation, audio, metadata): {out.size:,} → {size:,} bytes "
+        f"({saving:.1%} smaller)",
+        metadata,
+        output,
+        size,
+    )
+
+
+def _sha1(data: bytes) -> str:
+    return hashlib.sha1(data).hexdigest()
+
+
+def _file_sha1(path: Path) -> str:
+    digest = hashlib.sha1()
+    with path.open("rb") as f:
+        while chunk := f.read(_MEGABYTE):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def output_name(src: Path, digest: str, extension: str) -> str:
+    """Deterministic name of the optimized file for this original (`digest`: SHA-1 of its bytes).
 
     A re-run after a crash rewrites the same path with the same bytes, so the upload keeps its
     checksum and Immich answers "duplicate". The source path is part of the name because two
@@ -179,33 +308,56 @@ def output_name(src: Path, data: bytes, extension: str) -> str:
     its work file would pull it from under the other.
     """
     where = hashlib.sha1(os.fsencode(src.absolute())).hexdigest()[:12]
-    return f"{hashlib.sha1(data).hexdigest()}-{where}{extension}"
+    return f"{digest}-{where}{extension}"
+
+
+class AtomicOutput:
+    """A file in `work_dir` that appears under its final name only complete and synced.
+
+    Write to `temp`, then `commit()`; leaving the block without committing (an exception, or
+    `discard()`) leaves nothing behind, not even the final name: the caller then reports the file
+    as kept or unreadable, and an orphan in .work/ would never be cleaned up.
+    """
+
+    def __init__(self, work_dir: Path, name: str) -> None:
+        work_dir.mkdir(parents=True, exist_ok=True)
+        self.work_dir = work_dir
+        self.final = work_dir / name
+        # Unique per process: two workers converting identical bytes (a duplicate upload) write
+        # identical output, and os.replace makes either result whole.
+        self.temp = work_dir / f".{name}.{os.getpid()}.tmp"
+        self.committed = False
+
+    def __enter__(self) -> AtomicOutput:
+        return self
+
+    def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
+        if not self.committed:
+            self.discard()
+
+    def commit(self) -> Path:
+        try:
+            with self.temp.open("rb+") as f:
+                os.fsync(f.fileno())
+            os.replace(self.temp, self.final)
+            directory = os.open(self.work_dir, os.O_RDONLY)
+            try:
+                os.fsync(directory)  # the rename must be durable before anyone deletes the original
+            finally:
+                os.close(directory)
+        except BaseException:
+            self.discard()
+            raise
+        self.committed = True
+        return self.final
+
+    def discard(self) -> None:
+        self.temp.unlink(missing_ok=True)
+        self.final.unlink(missing_ok=True)
 
 
 def write_atomically(work_dir: Path, name: str, data: bytes) -> Path:
-    """Write `data` as work_dir/name so that the name only ever holds complete, synced bytes.
-
-    On any failure nothing is left behind, not even the final name: the caller then reports the
-    file as unreadable, and an orphan in .work/ would never be cleaned up.
-    """
-    work_dir.mkdir(parents=True, exist_ok=True)
-    final = work_dir / name
-    # The temp name is unique per process; two workers converting identical bytes (a duplicate
-    # upload) write identical output, and os.replace makes either result whole.
-    temp = work_dir / f".{name}.{os.getpid()}.tmp"
-    try:
-        with temp.open("wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(temp, final)
-        directory = os.open(work_dir, os.O_RDONLY)
-        try:
-            os.fsync(directory)  # the rename must be durable before anyone deletes the original
-        finally:
-            os.close(directory)
-    except BaseException:
-        temp.unlink(missing_ok=True)
-        final.unlink(missing_ok=True)
-        raise
-    return final
+    """Write `data` as work_dir/name so that the name only ever holds complete, synced bytes."""
+    with AtomicOutput(work_dir, name) as target:
+        target.temp.write_bytes(data)
+        return target.commit()

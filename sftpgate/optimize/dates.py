@@ -1,7 +1,7 @@
 """Capture time from the content (SPEC §5 `fileCreatedAt`): always timezone-aware, or None.
 
 Order: EXIF DateTimeOriginal (+ OffsetTimeOriginal), then DateTimeDigitized (+ OffsetTimeDigitized),
-as Immich itself prefers them. IFD0 DateTime is deliberately not used: editors rewrite it, so it is
+as Immich itself prefers them; for video Apple's creationdate, then the container's creation_time. IFD0 DateTime is deliberately not used: editors rewrite it, so it is
 a modification time. Without an offset tag the wall-clock time is read in the configured zone,
 because that is where the camera's clock was most likely set.
 """
@@ -18,6 +18,7 @@ from datetime import timezone as dt_timezone
 from pathlib import Path
 from zoneinfo import ZoneInfo
 
+import av
 from PIL import Image
 
 from sftpgate.optimize import jxlboxes, kinds
@@ -173,13 +174,31 @@ def _jxl_exif(path: Path) -> bytes | None:
     return None
 
 
+def _video_time(path: Path) -> datetime | None:
+    """Apple's `com.apple.quicktime.creationdate` (local time with its offset, and what Immich
+    itself prefers), else the container's creation_time (UTC)."""
+    with av.open(str(path), metadata_errors="replace") as container:
+        metadata = dict(container.metadata)
+    for key in ("com.apple.quicktime.creationdate", "creation_time"):
+        text = metadata.get(key, "").strip()
+        try:
+            when = datetime.fromisoformat(text) if text else None
+        except ValueError:
+            continue
+        # FFmpeg already leaves out the zero dates of cameras without a set clock.
+        if when is not None and when.tzinfo is not None:
+            return when
+    return None
+
+
 def capture_time(path: Path, kind: str, timezone: str) -> datetime | None:
-    """When the photo was taken, from its content; timezone-aware, or None. Never raises.
+    """When the photo or video was taken, from its content; timezone-aware, or None. Never raises.
 
     `timezone`: IANA name used when the EXIF date has no offset tag; "" means the local zone.
-    Video creation_time is not read yet (None).
     """
     try:
+        if kind == "video":
+            return _video_time(path)
         if kind in _PIL_FORMATS:
             return _from_exif(_pillow_exif(path, kind), timezone)
         if kind == "raw":

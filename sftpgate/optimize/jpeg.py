@@ -18,10 +18,11 @@ from __future__ import annotations
 import io
 import re
 import struct
+import warnings
 from dataclasses import dataclass
 
 import pillow_jxl
-from PIL import Image
+from PIL import Image, ImageCms, ImageOps
 
 from sftpgate.optimize import jxlboxes
 
@@ -30,6 +31,7 @@ _XMP_ID = b"http://ns.adobe.com/xap/1.0/\x00"
 _XMP_EXTENSION_ID = b"http://ns.adobe.com/xmp/extension/\x00"
 _ICC_ID = b"ICC_PROFILE\x00"
 _MPF_ID = b"MPF\x00"
+_PHOTOSHOP_ID = b"Photoshop 3.0\x00"
 
 # SOF markers: C0-C3, C5-C7, C9-CB, CD-CF (C4 = DHT, C8 = JPG extension, CC = DAC).
 _SOF_MARKERS = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}
@@ -74,6 +76,9 @@ class JpegInfo:
     trailing: bytes  # up to 4 KiB of what follows EOI (b"" if nothing, or only zero/FF padding)
     trailing_size: int  # total bytes after EOI that are not padding
     damage: str = ""  # what is wrong after the first scan started (truncated, garbage), or ""
+    exif: bytes = b""  # the TIFF structure of the first EXIF segment, b"" if none
+    has_extended_xmp: bool = False  # XMP continued in extension segments (e.g. a depth map)
+    has_iptc: bool = False  # IPTC-IIM (keywords, captions) in the APP13 Photoshop resources
 
     def metadata(self) -> tuple[str, ...]:
         kinds = (("EXIF", self.has_exif), ("XMP", self.has_xmp), ("ICC", self.has_icc))
@@ -87,7 +92,8 @@ def parse_jpeg(data: bytes) -> JpegInfo:
     pos = 2
     sof: tuple[int, int, int, int, int] | None = None
     has_exif = has_xmp = has_icc = has_mpf = seen_sos = False
-    xmp = b""
+    has_extended_xmp = has_iptc = False
+    xmp = exif = b""
     image_end: int | None = None
     damage = ""
     try:
@@ -118,9 +124,14 @@ def parse_jpeg(data: bytes) -> JpegInfo:
             if marker == 0xE1:
                 if segment.startswith(_EXIF_ID):
                     has_exif = True
+                    exif = exif or segment[len(_EXIF_ID) :]
                 elif segment.startswith(_XMP_ID):
                     has_xmp = True
                     xmp = xmp or segment[len(_XMP_ID) :]
+                elif segment.startswith(_XMP_EXTENSION_ID):
+                    has_extended_xmp = True
+            elif marker == 0xED and segment.startswith(_PHOTOSHOP_ID):
+                has_iptc = has_iptc or _photoshop_has_iptc(segment[len(_PHOTOSHOP_ID) :])
             elif marker == 0xE2:
                 if segment.startswith(_ICC_ID):
                     has_icc = True
@@ -171,7 +182,56 @@ def parse_jpeg(data: bytes) -> JpegInfo:
         trailing=significant[:4096],
         trailing_size=len(significant),
         damage=damage,
+        exif=exif,
+        has_extended_xmp=has_extended_xmp,
+        has_iptc=has_iptc,
     )
+
+
+_IPTC_RESOURCE = 0x0404
+_IIM_TAG = 0x1C
+_IIM_APPLICATION_RECORD = 2
+
+
+def _photoshop_has_iptc(resources: bytes) -> bool:
+    """Whether Photoshop image resources ("8BIM" blocks) hold IPTC-IIM data with content.
+
+    Many cameras and editors write APP13 with only resolution info, a record version or empty
+    fields; only actual values (a caption, keywords, a date) are metadata worth keeping."""
+    pos = 0
+    while pos + 12 <= len(resources) and resources[pos : pos + 4] == b"8BIM":
+        (resource,) = struct.unpack_from(">H", resources, pos + 4)
+        name_length = resources[pos + 6]
+        name_end = pos + 7 + name_length + ((name_length + 1) % 2)  # Pascal string, even size
+        if name_end + 4 > len(resources):
+            return False
+        (size,) = struct.unpack_from(">I", resources, name_end)
+        start = name_end + 4
+        if resource == _IPTC_RESOURCE and _iim_has_content(resources[start : start + size]):
+            return True
+        pos = start + size + (size % 2)
+    return False
+
+
+def _iim_has_content(iim: bytes) -> bool:
+    """Whether an IPTC-IIM block has a non-blank application-record value (2:xx, not 2:00)."""
+    pos = 0
+    while pos + 5 <= len(iim) and iim[pos] == _IIM_TAG:
+        record, dataset, size = (
+            iim[pos + 1],
+            iim[pos + 2],
+            struct.unpack_from(">H", iim, pos + 3)[0],
+        )
+        pos += 5
+        if size & 0x8000:  # extended size: the next (size & 0x7FFF) bytes hold the length
+            count = size & 0x7FFF
+            size = int.from_bytes(iim[pos : pos + count], "big")
+            pos += count
+        value = iim[pos : pos + size]
+        if record == _IIM_APPLICATION_RECORD and dataset != 0 and value.strip(b" \x00"):
+            return True
+        pos += size
+    return False
 
 
 def keep_reason(info: JpegInfo) -> str | None:
@@ -212,6 +272,14 @@ def keep_reason(info: JpegInfo) -> str | None:
         )
     if info.components not in (1, 3):
         return f"kept as it is: JPEG with {info.components} colour components cannot be transcoded"
+    if info.has_iptc and not info.has_xmp:
+        # JPEG XL has no IPTC box: libjxl keeps APP13 inside the reconstruction data, where no
+        # reader (exiftool, so Immich) looks. Editors that write IPTC mirror it into XMP (the
+        # Metadata Working Group rule), so only IPTC without any XMP would become invisible.
+        return (
+            "kept as it is: its IPTC metadata (keywords, captions) has no XMP copy and would be "
+            "invisible in a JPEG XL (hidden in the reconstruction data)"
+        )
     return None
 
 
@@ -303,3 +371,97 @@ def _verify(data: bytes, info: JpegInfo, jxl: bytes) -> Transcode:
     return Transcode(
         "converted", "lossless JPEG XL transcode, reconstructs the JPEG bit-exact", jxl, metadata
     )
+
+
+# -- lossy mode ----------------------------------------------------------------------------------
+
+_ORIENTATION_TAG = 0x0112
+_SHORT = 3
+
+
+def lossy_blocker(info: JpegInfo) -> str | None:
+    """Why lossy mode would lose something this JPEG carries (the lossless transcode keeps every
+    byte, so the caller uses that instead), or None."""
+    if info.has_extended_xmp:
+        return "its extended XMP (e.g. a depth map) has no place in a lossy JPEG XL"
+    if info.has_iptc:
+        return "its IPTC metadata (keywords, captions) has no place in a lossy JPEG XL"
+    if info.components == 1 and info.has_icc:
+        return "a grayscale JPEG with an ICC profile cannot be converted to sRGB"
+    return None
+
+
+def exif_with_orientation_reset(tiff: bytes) -> bytes:
+    """`tiff` (an EXIF structure) with IFD0's Orientation set to 1, every other byte unchanged.
+
+    Re-serialising with Pillow (`Exif.tobytes()`) would drop the thumbnail and break maker notes
+    that use absolute offsets (the Live Photo pairing UUID lives in Apple's), so the one value is
+    patched in place. Raises ValueError when the structure cannot be walked.
+    """
+    order = {b"II": "<", b"MM": ">"}.get(tiff[:2])
+    if order is None or len(tiff) < 8:
+        raise ValueError("the EXIF has no TIFF header")
+    (ifd0,) = struct.unpack_from(order + "I", tiff, 4)
+    if ifd0 + 2 > len(tiff):
+        raise ValueError("the EXIF's first directory lies outside it")
+    (count,) = struct.unpack_from(order + "H", tiff, ifd0)
+    for entry in range(ifd0 + 2, min(ifd0 + 2 + 12 * count, len(tiff) - 11), 12):
+        tag, kind, number = struct.unpack_from(order + "HHI", tiff, entry)
+        if tag == _ORIENTATION_TAG and kind == _SHORT and number == 1:
+            return tiff[: entry + 8] + struct.pack(order + "H", 1) + tiff[entry + 10 :]
+    return tiff  # no Orientation tag: nothing to reset
+
+
+@dataclass(frozen=True)
+class Lossy:
+    jxl: bytes
+    metadata: tuple[str, ...]
+    notes: tuple[str, ...]  # what was done to pixels: rotated, colours converted
+
+
+def transcode_lossy(data: bytes, info: JpegInfo, quality: int, effort: int) -> Lossy:
+    """Decode, apply the EXIF orientation, convert the ICC colours to sRGB, encode lossy JPEG XL
+    with the EXIF (orientation reset) and XMP in plain boxes; verify it decodes. Raises on failure.
+
+    The plugin's pixel path always declares sRGB and drops the ICC (notes/codecs.md §2), and
+    an XYB-encoded image cannot be relabelled afterwards, so the colours are converted first.
+    """
+    notes: list[str] = []
+    with Image.open(io.BytesIO(data), formats=["JPEG"]) as im:
+        im.load()
+        icc = im.info.get("icc_profile")
+        oriented = ImageOps.exif_transpose(im)
+        if oriented.size != im.size or oriented.tobytes() != im.tobytes():
+            notes.append("orientation applied to the pixels")
+    if icc and oriented.mode == "RGB":
+        source = ImageCms.ImageCmsProfile(io.BytesIO(icc))
+        name = ImageCms.getProfileDescription(source).strip()
+        oriented = ImageCms.profileToProfile(
+            oriented, source, ImageCms.createProfile("sRGB"), outputMode="RGB"
+        )
+        notes.append(f"colours converted from {name!r} to sRGB")
+    if oriented.mode not in ("RGB", "L"):
+        raise ValueError(f"unexpected pixel mode {oriented.mode}")
+    encoder = pillow_jxl.Encoder(mode=oriented.mode, lossless=False, quality=quality, effort=effort)
+    codestream = encoder(oriented.tobytes(), oriented.width, oriented.height, jpeg_encode=False)
+    boxes: list[tuple[bytes, bytes]] = []
+    if info.exif:
+        exif = exif_with_orientation_reset(info.exif)
+        left = Image.Exif()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # "Corrupt EXIF data": then there is no orientation
+            left.load(exif)
+        if left.get(_ORIENTATION_TAG, 1) != 1:  # Pillow read an orientation we could not patch
+            raise ValueError("the EXIF orientation could not be reset")
+        boxes.append((b"Exif", b"\x00\x00\x00\x00" + exif))
+    if info.xmp:
+        boxes.append((b"xml ", info.xmp))
+    jxl = jxlboxes.container(codestream, boxes) if boxes else codestream
+    is_jpeg, decoded, pixels, _icc, _boxes = pillow_jxl.Decoder()(jxl)
+    channels = 1 if oriented.mode == "L" else 3
+    if is_jpeg or (decoded.width, decoded.height) != oriented.size:
+        raise ValueError("the lossy JPEG XL does not decode to the expected dimensions")
+    if len(pixels) != oriented.width * oriented.height * channels:
+        raise ValueError("the lossy JPEG XL did not decode completely")
+    metadata = tuple(name for name, ok in (("EXIF", info.exif), ("XMP", info.xmp)) if ok)
+    return Lossy(jxl, metadata, tuple(notes))

@@ -104,3 +104,17 @@ def decompress_brob_boxes(data: bytes, limit: int) -> bytes:
             )
         parts.append(_plain_box(inner_type, _brotli_decompress(payload[4:], limit)))
     return b"".join(parts)
+
+
+_FTYP = struct.pack(">I4s4sI4s", 20, b"ftyp", b"jxl ", 0, b"jxl ")
+
+
+def container(codestream: bytes, boxes: list[tuple[bytes, bytes]]) -> bytes:
+    """A JPEG XL container: signature, `ftyp`, the given (type, payload) boxes in order, and the
+    bare `codestream` in one `jxlc` box (ISO/IEC 18181-2 §3)."""
+    if not codestream.startswith(JXL_CODESTREAM_SIGNATURE):
+        raise JxlBoxError("not a bare JPEG XL codestream")
+    parts = [JXL_CONTAINER_SIGNATURE, _FTYP]
+    parts += [_plain_box(box_type, payload) for box_type, payload in boxes]
+    parts.append(_plain_box(b"jxlc", codestream))
+    return b"".join(parts)

@@ -41,7 +41,7 @@ _VIDEO_BRANDS = frozenset(
     }
 )  # fmt: skip
 # QuickTime files written before `ftyp` existed start directly with one of these atoms.
-_QUICKTIME_FIRST_ATOMS = frozenset({b"moov", b"mdat", b"wide", b"free", b"skip", b"pnot"})
+QUICKTIME_FIRST_ATOMS = frozenset({b"moov", b"mdat", b"wide", b"free", b"skip", b"pnot"})
 _TIFF_MAGIC = (b"II*\x00", b"MM\x00*", b"IIRO", b"IIRS", b"IIU\x00")  # TIFF, ORF, RW2
 
 
@@ -81,7 +81,7 @@ def sniff(head: bytes) -> str:
         if any(brand in _VIDEO_BRANDS or brand.startswith((b"3gp", b"3g2")) for brand in brands):
             return "video"
         return "unknown"
-    if len(head) >= 8 and head[4:8] in _QUICKTIME_FIRST_ATOMS:
+    if len(head) >= 8 and head[4:8] in QUICKTIME_FIRST_ATOMS:
         return "video"
     if head.startswith(b"\x1a\x45\xdf\xa3"):  # Matroska / WebM
         return "video"
@@ -315,7 +315,7 @@ def probe(path: Path, kind: str, head: bytes, max_pixels: int, data: bytes | Non
             return Probe(kind, None, result.width, result.height, result.metadata, "motion photo")
         return result
     if kind == "video":
-        if len(head) >= 8 and (head[4:8] == b"ftyp" or head[4:8] in _QUICKTIME_FIRST_ATOMS):
+        if len(head) >= 8 and (head[4:8] == b"ftyp" or head[4:8] in QUICKTIME_FIRST_ATOMS):
             return Probe(kind, walk_bmff(path, kind).problem)
         return Probe(kind)  # Matroska, AVI, MPEG-TS...: the PyAV probe will judge these
     if kind == "raw":
