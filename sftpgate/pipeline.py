@@ -179,7 +179,7 @@ class Pipeline:
             await self.refresh_gauges()
             if not (row.upload_sha1 and _work_ready(row)):
                 row = await self._optimize(row)
-                if row.state == "undone":
+                if row.state != "uploading":  # undone, or back in the queue for a retry
                     return
             await self._upload(row)
         except asyncio.CancelledError:
@@ -220,6 +220,9 @@ class Pipeline:
             result = _unreadable(row, str(exc))
         self.metrics.stage_duration.labels(stage="optimize").observe(time.monotonic() - started)
 
+        if result.decision == "retry":  # the disk, not the file: keep the original, try later
+            await self._retry_later(row, "optimize", result.reason)
+            return await self._reload(row)
         if result.decision == "unreadable" and self.config.optimize.on_error != "upload-original":
             await self._undone(row, "optimize", result.reason, kind=result.kind)
             return await self._reload(row)

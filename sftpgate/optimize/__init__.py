@@ -7,6 +7,7 @@ plain picklable values, and it never raises for bad input: whatever goes wrong b
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
 import time
@@ -20,12 +21,16 @@ from sftpgate.optimize import dates, jpeg, kinds, png, video
 __all__ = ["OptimizeResult", "optimize_file"]
 
 CONVERTED, KEPT, UNREADABLE = "converted", "kept", "unreadable"
+# The work folder could not be written (disk full, quota, read-only): nothing is wrong with the
+# file, so the pipeline keeps the original untouched and tries again later.
+RETRY = "retry"
+_DISK_ERRORS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS)
 
 
 @dataclass(frozen=True)
 class OptimizeResult:
     kind: str  # jpeg | png | heic | avif | webp | gif | jxl | raw | video | unknown
-    decision: str  # converted | kept | unreadable
+    decision: str  # converted | kept | unreadable | retry
     reason: str  # one readable sentence: why kept/unreadable, or what was done
     output: str | None  # the optimized file inside work_dir (converted only)
     extension: str | None  # extension for Immich when converted (".jxl"); None = client's name
@@ -59,7 +64,14 @@ def optimize_file(
         return _optimize(out, Path(work_dir), config)
     except Exception as exc:  # never raise in a worker: the reason goes to undone/'s sidecar
         message = str(exc) or type(exc).__name__
+        if disk_error(exc):
+            return out.make(RETRY, f"the work folder cannot be written ({message}); will try again")
         return out.make(UNREADABLE, f"cannot be optimized: {message}")
+
+
+def disk_error(exc: BaseException) -> bool:
+    """An error of the work folder's disk, not of the file being converted."""
+    return isinstance(exc, OSError) and exc.errno in _DISK_ERRORS
 
 
 class _Outcome:
@@ -82,7 +94,7 @@ class _Outcome:
         bytes_out: int | None = None,
     ) -> OptimizeResult:
         captured = None
-        if decision != UNREADABLE:
+        if decision in (CONVERTED, KEPT):
             captured = dates.capture_time(self.src, self.kind, self.timezone)
         return OptimizeResult(
             kind=self.kind,
@@ -258,6 +270,8 @@ def _optimize_video(
             return out.make(KEPT, f"kept as it is: {exc}", metadata)
         except Exception as exc:  # the source decoded at probe time: keep it, say why
             target.discard()
+            if disk_error(exc):
+                raise
             return out.make(KEPT, f"kept as it is: the conversion failed ({exc})", metadata)
         after = src.stat()
         if (after.st_size, after.st_mtime_ns) != (before.st_size, before.st_mtime_ns):
