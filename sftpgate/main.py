@@ -150,6 +150,20 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return int(_run(run_demo(keep=args.keep)))  # type: ignore[arg-type]
 
 
+def cmd_import(args: argparse.Namespace) -> int:
+    from .importer import ImportRefused, quiet_logging_level, run_import
+
+    config = _load(args)
+    setup_logging(config.log.format, quiet_logging_level(config.log.level, args.verbose))
+    try:
+        return int(
+            _run(run_import(config, Path(args.dir), user=args.user, keep=args.keep))  # type: ignore[arg-type]
+        )
+    except ImportRefused as exc:
+        print(f"import refused: {exc}", file=sys.stderr)
+        return 2
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="sftpgate",
@@ -205,6 +219,15 @@ def build_parser() -> argparse.ArgumentParser:
         "--keep", action="store_true", help="keep the temporary data folder and print its path"
     )
     p.add_argument("--verbose", action="store_true", help="show the service's log lines")
+    p = add(
+        "import",
+        cmd_import,
+        "run an existing folder of photos through the pipeline (resumable; --keep leaves it as is)",
+    )
+    p.add_argument("dir", metavar="DIR", help="folder to import; its subfolders become the path")
+    p.add_argument("--keep", action="store_true", help="copy files in; never change DIR")
+    p.add_argument("--user", metavar="NAME", help="the sftpgate user (default: the first one)")
+    p.add_argument("--verbose", action="store_true", help="also show per-file log lines")
     return parser
 
 
