@@ -28,7 +28,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
-import fcntl
 import hashlib
 import logging
 import os
@@ -46,7 +45,7 @@ import aiohttp
 from .config import Config, parse_listen
 from .immich.client import ImmichClient
 from .intake import Intake, sha1_of_file
-from .layout import Layout, fsync_dir, move_durably
+from .layout import DataDirBusy, Layout, fsync_dir, lock_data_dir, move_durably
 from .ledger import ACTIVE_STATES, FINAL_STATES, Ledger, LedgerThread, Original
 from .logs import file_event
 from .metrics import Metrics
@@ -59,9 +58,6 @@ if TYPE_CHECKING:
 _CHUNK = 1 << 20
 # Our own parts in .staging/ carry this prefix, so a restarted import removes only its own.
 _PART_PREFIX = "import-"
-# The lock every writer of a data_dir should hold. The service does not take it yet, which is why
-# `run_import` also asks the configured metrics port whether a service is answering there.
-LOCK_NAME = "sftpgate.lock"
 
 
 class ImportRefused(Exception):
@@ -203,15 +199,10 @@ def _check_folders(source: Path, data: Path) -> None:
 
 
 def _take_lock(layout: Layout) -> int:
-    fd = os.open(layout.root / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o644)
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        os.close(fd)
-        raise ImportRefused(
-            f"another sftpgate import is running on {layout.root}; wait for it to finish"
-        ) from None
-    return fd
+        return lock_data_dir(layout.root)
+    except DataDirBusy as exc:
+        raise ImportRefused(f"{exc}; wait for it to finish or stop it first") from None
 
 
 class Importer:

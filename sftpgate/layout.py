@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fcntl
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -73,3 +74,26 @@ def unlink_if_same(path: Path, inode: int | None) -> bool:
     except FileNotFoundError:
         pass
     return False
+
+
+LOCK_NAME = "sftpgate.lock"
+
+
+class DataDirBusy(Exception):
+    """Another sftpgate process (serve or import) holds the data folder."""
+
+
+def lock_data_dir(root: Path) -> int:
+    """Hold the data folder exclusively while the returned descriptor is open.
+
+    One writer at a time (the service or an import): two would each believe they own the ledger's
+    unfinished rows. The kernel drops the lock when the process dies, even by SIGKILL.
+    """
+    root.mkdir(parents=True, exist_ok=True)
+    fd = os.open(root / LOCK_NAME, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise DataDirBusy(f"{root} is in use by another sftpgate (serve or import)") from None
+    return fd

@@ -33,11 +33,16 @@ def _run(coro: object) -> object:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    from .layout import DataDirBusy
     from .server import Service
 
     config = _load(args)
     setup_logging(config.log.format, config.log.level)
-    _run(Service(config).serve_forever())
+    try:
+        _run(Service(config).serve_forever())
+    except DataDirBusy as exc:
+        print(f"sftpgate: {exc}", file=sys.stderr)
+        return 2
     return 0
 
 

@@ -19,7 +19,7 @@ from aiohttp import web
 from .config import Config, parse_listen
 from .immich.client import ImmichClient
 from .intake import Intake
-from .layout import Layout
+from .layout import Layout, lock_data_dir
 from .ledger import Ledger, LedgerThread
 from .logs import event
 from .metrics import Metrics, health_app
@@ -42,6 +42,7 @@ class Service:
     async def start(self) -> None:
         cfg = self.config
         users = [u.name for u in cfg.sftp.users]
+        self._lock = lock_data_dir(self.layout.root)
         self.layout.ensure(users)
         _remove_stale_parts(self.layout)
         self.db = LedgerThread(Ledger(self.layout.ledger))
@@ -150,6 +151,7 @@ class Service:
         await self.immich.close()
         await self.pool.close()
         self.db.close()
+        os.close(self._lock)
         event("stopped")
 
     async def serve_forever(self) -> None:

@@ -14,6 +14,7 @@ import contextlib
 import importlib
 import multiprocessing
 import os
+import signal
 import traceback
 from collections.abc import Callable
 from multiprocessing.connection import Connection
@@ -30,6 +31,9 @@ class CodecWorkerError(Exception):
 
 
 def _serve(conn: Connection, nice: int, preload: tuple[str, ...]) -> None:
+    # Ctrl-C reaches the whole process group; the service decides how to stop its workers, so a
+    # worker interrupted mid-file never turns a good photo into an "unreadable" one.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     with contextlib.suppress(OSError):
         os.nice(nice)
     for module in preload:  # import the codecs now, not on the first file's clock

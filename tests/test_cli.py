@@ -94,3 +94,9 @@ def test_optimize_reports_kind_decision_sizes_and_metadata(corpus):
     assert text.returncode == 0
     assert "jpeg, converted" in text.stdout and "saved" in text.stdout
     assert not any(Path("/tmp").glob("sftpgate-optimize-*")), "optimize leaves nothing behind"
+
+
+async def test_a_second_sftpgate_on_the_same_data_folder_is_refused(gate, tmp_path):
+    result = await sftpgate_async("--config", str(tmp_path / "config.yaml"), "serve")
+    assert result.returncode == 2
+    assert "in use by another sftpgate" in result.stderr

@@ -321,6 +321,6 @@ async def test_a_second_import_on_the_same_data_dir_waits_its_turn(config: Path,
     with (data / "sftpgate.lock").open("w") as held:
         fcntl.flock(held, fcntl.LOCK_EX)  # as a running import holds it
         code, _, err = await sftpgate("--config", str(config), "import", str(src))
-    assert code == 2 and "another sftpgate import is running" in err
+    assert code == 2 and "in use by another sftpgate" in err
     code, out, err = await sftpgate("--config", str(config), "import", str(src))
     assert code == 0 and "finished: 0 of 0 files" in out, out + err
