@@ -38,6 +38,9 @@ class UserConfig:
     # Public key lines, or one path to an authorized_keys file.
     authorized_keys: tuple[str, ...] = ()
     immich_api_key: str = ""  # default: immich.api_key
+    # Folders created in the user's root at start (atmoz/sftp's users.conf dir list), so a client
+    # set up to upload into e.g. "upload/" finds it.
+    folders: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -50,6 +53,23 @@ class SftpConfig:
     # Advertised in limits@openssh.com; OpenSSH's own value. Larger writes were slower (notes).
     max_write_bytes: int = 261_120
     login_timeout_seconds: float = 60.0
+    # atmoz/sftp users.conf (`user:pass[:e][:uid[:gid[:dir,...]]]`), added to `users`; its
+    # key-only users read keys from `users_conf_home`/<user>/.ssh/{keys/*.pub,authorized_keys}.
+    users_conf: str = ""
+    users_conf_home: str = ""
+    # Brute force: every failed login waits this long; an address with `ban_after_failures`
+    # failures within the last `ban_seconds` is turned away until it has fewer.
+    failed_login_delay_seconds: float = 1.0
+    ban_after_failures: int = 10
+    ban_seconds: float = 600.0
+    # Resource limits: SSH connections in total (logged in or not), SFTP sessions of one user,
+    # seconds without an SFTP request before a connection is closed, open handles per session.
+    max_connections: int = 100
+    max_sessions_per_user: int = 10
+    idle_timeout_seconds: float = 600.0
+    max_handles: int = 256
+    # An upload cut off mid-way stays resumable (`reput`) this long; 0 discards it at once.
+    resume_keep_seconds: float = 86400.0
 
 
 @dataclass(frozen=True)
@@ -283,6 +303,7 @@ def _check(cfg: Config, problems: list[str]) -> None:
             parse_listen(value)
         except ValueError as exc:
             problems.append(f"{key}: {exc}")
+    _check_sftp(cfg, problems)
     if not cfg.sftp.users:
         problems.append("sftp.users: at least one user is required")
     seen: set[str] = set()
@@ -312,6 +333,51 @@ def _check(cfg: Config, problems: list[str]) -> None:
             zoneinfo.ZoneInfo(cfg.timezone)
         except (zoneinfo.ZoneInfoNotFoundError, ValueError):
             problems.append(f"timezone: unknown time zone {cfg.timezone!r}")
+
+
+def _check_sftp(cfg: Config, problems: list[str]) -> None:
+    """The SFTP keys' own rules."""
+    s = cfg.sftp
+    for name in ("ban_after_failures", "max_connections", "max_sessions_per_user", "max_handles"):
+        if getattr(s, name) < 1:
+            problems.append(f"sftp.{name}: must be 1 or more")
+    for name in (
+        "failed_login_delay_seconds",
+        "ban_seconds",
+        "idle_timeout_seconds",
+        "resume_keep_seconds",
+    ):
+        if getattr(s, name) < 0:
+            problems.append(f"sftp.{name}: must not be negative")
+    from .sftp.passwords import known_hash_scheme
+
+    for i, u in enumerate(s.users):
+        if u.password_hash and not known_hash_scheme(u.password_hash):
+            problems.append(
+                f"sftp.users[{i}].password_hash: not a hash sftpgate can verify "
+                "(use `sftpgate hash-password`; argon2, scrypt and crypt(3) $1$/$5$/$6$/$y$/$2b$ work)"
+            )
+        for folder in u.folders:
+            if folder.startswith("/") or ".." in folder.split("/") or "\0" in folder:
+                problems.append(f"sftp.users[{i}].folders: {folder!r} must be a relative path")
+
+
+def _with_users_conf(cfg: Config, problems: list[str]) -> Config:
+    """Add the users of an atmoz/sftp `sftp.users_conf` file to `sftp.users` (its path is
+    relative to the config file, so this runs once base_dir is known)."""
+    s = cfg.sftp
+    if not s.users_conf:
+        return cfg
+    from .sftp.users_conf import read_users_conf
+
+    extra = read_users_conf(
+        cfg.path(s.users_conf),
+        cfg.path(s.users_conf_home) if s.users_conf_home else None,
+        {u.name for u in s.users},
+        bool(cfg.immich.api_key),
+        problems,
+    )
+    return dataclasses.replace(cfg, sftp=dataclasses.replace(s, users=s.users + tuple(extra)))
 
 
 def parse_listen(value: str) -> tuple[str, int]:
@@ -344,7 +410,7 @@ def config_from_dict(
     env = os.environ if env is None else env
     cfg = _build(Config, data, "", problems, env)
     if cfg is not None and not problems:
-        cfg = dataclasses.replace(cfg, base_dir=str(base_dir))
+        cfg = _with_users_conf(dataclasses.replace(cfg, base_dir=str(base_dir)), problems)
         _check(cfg, problems)
     if problems:
         raise ConfigError(problems)

@@ -126,6 +126,11 @@ class Intake:
         if row is None:
             await self.db(lambda db: db.rename_remembered(user, old, new))
             return
+        replaced = await self.db(lambda db: db.active_for_path(user, new))
+        if replaced is not None and replaced.state in ("received", "queued"):
+            # Renamed over a file that was still waiting: the newer bytes are the ones to deliver
+            # (work already under way is protected by the inode check instead).
+            await self.db(lambda db: db.delete(replaced.id))
         await self.db(lambda db: db.update(row.id, path=new))
         if row.state == "received" and not self.is_temporary(new):
             target = self.layout.watch_file(user, new)

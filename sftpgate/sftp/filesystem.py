@@ -7,19 +7,30 @@ intake, which renames it into watch/<user>/<path>. Files that went on to Immich 
 
 The jail: every client path is normalised against "/" (so `..` cannot climb out), must not contain
 NUL, and may not pass through a symbolic link; symlink and hard-link requests are refused.
+Clients cannot chown, cannot take their own or the server's access away with chmod (owner read
+and write always stay, group/other write never comes), and cannot remove their root.
+
+Resume: an upload cut off before the client's CLOSE is parked in data_dir/.resume/ (PartStore) for
+`sftp.resume_keep_seconds`. It shows in stat and listings with the size that arrived, and an open
+for writing without TRUNC (OpenSSH `reput`, lftp `put -c`: WRITE|APPEND|CREAT) continues it; an
+open with TRUNC or a remove drops it. Nothing of it is in watch/ until a CLOSE finishes it.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import hashlib
+import json
 import os
 import posixpath
 import shutil
+import stat
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +40,7 @@ from asyncssh import SFTPAttrs, SFTPName
 from ..intake import Intake, Upload
 from ..layout import Layout
 from ..ledger import Remembered
+from ..logs import event
 
 MAX_PATH_BYTES = 4096
 _FILE_MODE = 0o100644
@@ -45,15 +57,26 @@ class UploadFile:
         self.mtime = mtime
         self.atime = mtime
         self.closed_by_client = False  # set by protocol.py when the CLOSE request arrives
+        self.failed: asyncssh.SFTPError | None = None  # a write failed: the bytes have a hole
         self._sha1: Any = hashlib.sha1()
         self._hashed = 0  # bytes fed to the hash; a write anywhere else disables it
         self._hash_valid = True
         self.size = 0
 
-    def start_from(self, size: int) -> None:
-        """The part begins with `size` bytes copied from an existing file (resume, append)."""
-        self._hash_valid = size == 0
+    def start_from(self, size: int, sha1: tuple[Any, int] | None = None) -> None:
+        """The part begins with `size` bytes already there (append, resume); `sha1` is the
+        running hash of exactly those bytes when it is known."""
         self.size = size
+        if sha1 is not None and sha1[1] == size:
+            self._sha1, self._hashed, self._hash_valid = sha1[0], size, True
+        else:
+            self._hash_valid = size == 0
+
+    def sha1_state(self) -> tuple[Any, int] | None:
+        """The running hash, to continue it after a resume, when it covers the whole part."""
+        if self._hash_valid and self._hashed == self.size:
+            return self._sha1.copy(), self._hashed
+        return None
 
     def write(self, offset: int, data: bytes) -> None:
         os.pwrite(self.fd, data, offset)
@@ -76,11 +99,118 @@ class UploadFile:
         return self._sha1.hexdigest() if self._hash_valid and self._hashed == self.size else None
 
 
+@dataclass
+class Part:
+    """An upload cut off mid-way, waiting in .resume/ for the same user and path."""
+
+    user: str
+    path: str
+    file: Path
+    size: int
+    touched: float  # time of the last byte (shown as its mtime; it expires from here)
+    mtime: float | None  # the client's mtime, if it gave one
+    sha1: tuple[Any, int] | None  # running hash state; lost over a restart (then recomputed)
+
+
+class PartStore:
+    """Resumable parts: data_dir/.resume/<id>.part with <id>.json naming its user and path."""
+
+    def __init__(self, directory: Path, keep_seconds: float) -> None:
+        self.directory = directory
+        self.keep_seconds = keep_seconds
+        self._parts: dict[tuple[str, str], Part] = {}
+
+    def load(self) -> None:
+        """Pick up the parts kept before a restart; drop expired and orphaned files."""
+        self.directory.mkdir(parents=True, exist_ok=True)
+        for meta in sorted(self.directory.glob("*.json"), key=lambda p: p.stat().st_mtime):
+            file = meta.with_suffix(".part")
+            try:
+                doc = json.loads(meta.read_text())
+                st = file.stat()
+                part = Part(
+                    doc["user"], doc["path"], file, st.st_size, st.st_mtime, doc.get("mtime"), None
+                )
+            except (OSError, ValueError, KeyError, TypeError):
+                self._unlink(meta, file)
+                continue
+            self.discard(part.user, part.path)  # the newer of two for one path wins
+            self._parts[(part.user, part.path)] = part
+        known = {p.file for p in self._parts.values()}
+        for file in self.directory.glob("*.part"):
+            if file not in known:
+                file.unlink(missing_ok=True)
+        self.expire()
+
+    def expire(self) -> None:
+        cutoff = time.time() - self.keep_seconds
+        for key in [k for k, p in self._parts.items() if p.touched < cutoff]:
+            self.discard(*key)
+
+    def park(self, upload: UploadFile, user: str) -> bool:
+        """Keep the part of a cut-off upload; False when resuming is off or nothing arrived."""
+        if self.keep_seconds <= 0 or upload.size == 0:
+            return False
+        self.discard(user, upload.path)
+        self.directory.mkdir(parents=True, exist_ok=True)
+        file = self.directory / f"{uuid.uuid4().hex}.part"
+        os.replace(upload.staged, file)
+        file.with_suffix(".json").write_text(
+            json.dumps({"user": user, "path": upload.path, "mtime": upload.mtime})
+        )
+        self._parts[(user, upload.path)] = Part(
+            user, upload.path, file, upload.size, time.time(), upload.mtime, upload.sha1_state()
+        )
+        return True
+
+    def get(self, user: str, path: str) -> Part | None:
+        return self._parts.get((user, path))
+
+    def take(self, user: str, path: str) -> Part | None:
+        """Remove the part from the store for continuing it; the caller now owns its file."""
+        part = self._parts.pop((user, path), None)
+        if part is not None:
+            part.file.with_suffix(".json").unlink(missing_ok=True)
+        return part
+
+    def discard(self, user: str, path: str) -> bool:
+        part = self._parts.pop((user, path), None)
+        if part is None:
+            return False
+        self._unlink(part.file.with_suffix(".json"), part.file)
+        return True
+
+    def in_dir(self, user: str, directory: str) -> dict[str, Part]:
+        return {
+            posixpath.basename(p.path): p
+            for (u, _), p in self._parts.items()
+            if u == user and posixpath.dirname(p.path) == directory
+        }
+
+    @staticmethod
+    def _unlink(*files: Path) -> None:
+        for f in files:
+            f.unlink(missing_ok=True)
+
+
 class GateSFTPServer(asyncssh.SFTPServer):
-    def __init__(self, chan: asyncssh.SSHServerChannel, layout: Layout, intake: Intake) -> None:
+    def __init__(
+        self,
+        chan: asyncssh.SSHServerChannel,
+        layout: Layout,
+        intake: Intake,
+        *,
+        parts: PartStore | None = None,
+        max_handles: int = 256,
+        on_activity: Callable[[], None] | None = None,
+    ) -> None:
         self.user: str = chan.get_extra_info("username")
         self.layout = layout
         self.intake = intake
+        self.parts = parts or PartStore(layout.root / ".resume", 0)
+        self.parts.expire()
+        self.max_handles = max_handles  # checked in protocol.py on OPEN and OPENDIR
+        self.on_activity = on_activity  # called by protocol.py for every request
         root = layout.user_root(self.user)
         root.mkdir(parents=True, exist_ok=True)
         self.root = os.path.realpath(root)
@@ -130,13 +260,25 @@ class GateSFTPServer(asyncssh.SFTPServer):
         if not local.parent.is_dir():
             raise asyncssh.SFTPNoSuchFile("No such folder")
         exists = local.is_file()
-        if pflags & asyncssh.FXF_EXCL and (exists or await self.intake.remembered(self.user, rel)):
+        parked = self.parts.get(self.user, rel) is not None
+        if pflags & asyncssh.FXF_EXCL and (
+            exists or parked or await self.intake.remembered(self.user, rel)
+        ):
             raise asyncssh.SFTPFileAlreadyExists("File already exists")
-        if not pflags & asyncssh.FXF_CREAT and not exists:
+        if not pflags & asyncssh.FXF_CREAT and not (exists or parked):
             raise asyncssh.SFTPNoSuchFile("No such file")
         staged = self.layout.staging / f"{uuid.uuid4().hex}.part"
-        fd = os.open(staged, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
         mtime = float(attrs.mtime) if attrs.mtime is not None else None
+        if pflags & asyncssh.FXF_TRUNC:
+            self.parts.discard(self.user, rel)
+        elif (part := self.parts.take(self.user, rel)) is not None:
+            # Resume: the cut-off part is what the client saw in stat; it continues from there.
+            os.replace(part.file, staged)
+            fd = os.open(staged, os.O_RDWR | os.O_CLOEXEC)
+            upload = UploadFile(rel, staged, fd, mtime if mtime is not None else part.mtime)
+            upload.start_from(os.fstat(fd).st_size, part.sha1)
+            return upload
+        fd = os.open(staged, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
         upload = UploadFile(rel, staged, fd, mtime)
         if exists and not pflags & asyncssh.FXF_TRUNC:
             # Append or resume onto a waiting original: the part starts as a copy of it.
@@ -152,7 +294,8 @@ class GateSFTPServer(asyncssh.SFTPServer):
         try:
             file_obj.write(offset, data)
         except OSError as exc:
-            raise _sftp_error(exc) from None
+            file_obj.failed = _sftp_error(exc)
+            raise file_obj.failed from None
 
     def read(self, file_obj: object, offset: int, size: int) -> bytes:
         if isinstance(file_obj, UploadFile):
@@ -165,8 +308,17 @@ class GateSFTPServer(asyncssh.SFTPServer):
             return
         loop = asyncio.get_running_loop()
         try:
+            if file_obj.failed is not None:
+                # A write failed (disk full): these bytes must never be delivered, and a client
+                # that ignored the WRITE error hears it again at CLOSE.
+                if file_obj.closed_by_client:
+                    raise file_obj.failed
+                return
             if not file_obj.closed_by_client:
-                return  # the connection dropped mid-upload: the part is discarded below
+                # The connection dropped mid-upload: keep the part for a resume (or discard it
+                # below). Nothing reaches watch/ without the client's CLOSE.
+                self.parts.park(file_obj, self.user)
+                return
             try:
                 await loop.run_in_executor(None, os.fsync, file_obj.fd)
             except OSError as exc:
@@ -185,6 +337,9 @@ class GateSFTPServer(asyncssh.SFTPServer):
                 await self.intake.finalize_upload(upload)
             except OSError as exc:
                 raise _sftp_error(exc) from None
+            except Exception as exc:  # the ledger's "database or disk is full", say
+                event("upload failed", level=40, user=self.user, path=file_obj.path, error=str(exc))
+                raise asyncssh.SFTPFailure("The server could not record the upload") from None
         finally:
             if file_obj.fd >= 0:
                 os.close(file_obj.fd)
@@ -201,12 +356,19 @@ class GateSFTPServer(asyncssh.SFTPServer):
 
     def fsetstat(self, file_obj: object, attrs: SFTPAttrs) -> None:
         if not isinstance(file_obj, UploadFile):
-            super().fsetstat(file_obj, attrs)
+            fd = file_obj.fileno()  # type: ignore[attr-defined]
+            _apply_attrs(fd, os.fstat(fd), attrs)
             return
         if attrs.size is not None and attrs.size != file_obj.size:
             file_obj.truncate(attrs.size)
         if attrs.mtime is not None:
             file_obj.mtime = float(attrs.mtime)
+
+    def fsync(self, file_obj: object) -> None:
+        if isinstance(file_obj, UploadFile):
+            os.fsync(file_obj.fd)
+            return
+        super().fsync(file_obj)
 
     # -- what the client sees -----------------------------------------------------------------
 
@@ -218,11 +380,16 @@ class GateSFTPServer(asyncssh.SFTPServer):
             pass
         except NotADirectoryError:
             raise asyncssh.SFTPNoSuchFile("No such file") from None
+        part = self.parts.get(self.user, rel)
+        if part is not None:
+            return _part_attrs(part)
         remembered = await self.intake.remembered(self.user, rel)
         if remembered is not None:
             return _remembered_attrs(remembered)
-        _, dirs = await self.intake.remembered_in_dir(self.user, posixpath.dirname(rel))
-        if posixpath.basename(rel) in dirs:
+        # A folder that only remembered files keep alive. Asked of the path itself, so a stat of
+        # a missing file in a folder of 10,000 remembered ones reads no rows.
+        files, dirs = await self.intake.remembered_in_dir(self.user, rel)
+        if files or dirs:
             return _dir_attrs(time.time())
         raise asyncssh.SFTPNoSuchFile("No such file")
 
@@ -232,10 +399,13 @@ class GateSFTPServer(asyncssh.SFTPServer):
         rel, local = self._local(path)
         for dot in (b".", b".."):
             yield SFTPName(dot, attrs=_dir_attrs(time.time()))
-        present: set[str] = set()
+        parts = self.parts.in_dir(self.user, rel)
+        for name, part in parts.items():
+            yield SFTPName(name.encode(), attrs=_part_attrs(part))
+        present: set[str] = set(parts)
         if local.is_dir():
             for entry in os.scandir(local):
-                if entry.is_symlink():
+                if entry.is_symlink() or entry.name in present:
                     continue
                 present.add(entry.name)
                 yield SFTPName(
@@ -251,8 +421,13 @@ class GateSFTPServer(asyncssh.SFTPServer):
 
     async def setstat(self, path: bytes, attrs: SFTPAttrs) -> None:
         rel, local = self._local(path)
+        part = self.parts.get(self.user, rel)
+        if part is not None and not local.exists():
+            if attrs.mtime is not None:
+                part.mtime = float(attrs.mtime)
+            return
         if local.exists():
-            super().setstat(path, attrs)
+            _apply_attrs(str(local), local.stat(), attrs)
             if attrs.mtime is not None and local.is_file():
                 await self.intake.set_mtime(self.user, rel, float(attrs.mtime))
             return
@@ -268,14 +443,28 @@ class GateSFTPServer(asyncssh.SFTPServer):
 
     async def remove(self, path: bytes) -> None:
         rel, local = self._local(path)
+        dropped = self.parts.discard(self.user, rel)  # rclone removes what failed to upload
         if local.is_file():
             local.unlink()
             await self.intake.removed(self.user, rel)
             await self.intake.forget(self.user, rel)
             return
-        if await self.intake.forget(self.user, rel):
+        if await self.intake.forget(self.user, rel) or dropped:
             return
         raise asyncssh.SFTPNoSuchFile("No such file")
+
+    def mkdir(self, path: bytes, attrs: SFTPAttrs) -> None:
+        rel, local = self._local(path)
+        if not rel:
+            raise asyncssh.SFTPFileAlreadyExists("The root folder exists")
+        os.mkdir(local, 0o700)
+        os.chmod(local, _safe_mode(attrs.permissions if attrs.permissions is not None else 0o755))
+
+    def rmdir(self, path: bytes) -> None:
+        rel, local = self._local(path)
+        if not rel:
+            raise asyncssh.SFTPPermissionDenied("Cannot remove the root folder")
+        os.rmdir(local)
 
     async def rename(self, oldpath: bytes, newpath: bytes) -> None:
         old_rel, old_local = self._local(oldpath)
@@ -300,6 +489,12 @@ class GateSFTPServer(asyncssh.SFTPServer):
 
     posix_rename = rename
 
+    def exit(self) -> None:
+        # Report exit status 0 like OpenSSH's internal-sftp: scp in SFTP mode (OpenSSH ≥ 9)
+        # treats a session that ends without one as failed, after a good upload.
+        with contextlib.suppress(Exception):
+            self._chan.exit(0)
+
     def symlink(self, oldpath: bytes, newpath: bytes) -> None:
         raise asyncssh.SFTPPermissionDenied("Symbolic links are not allowed")
 
@@ -320,6 +515,41 @@ def _remembered_attrs(r: Remembered) -> SFTPAttrs:
         mtime=t,
         nlink=1,
     )
+
+
+def _part_attrs(part: Part) -> SFTPAttrs:
+    t = int(part.touched)
+    return SFTPAttrs(
+        type=asyncssh.FILEXFER_TYPE_REGULAR,
+        size=part.size,
+        permissions=_FILE_MODE,
+        atime=t,
+        mtime=t,
+        nlink=1,
+    )
+
+
+def _safe_mode(mode: int, is_dir: bool = True) -> int:
+    """What a client's chmod may do: owner access stays, nobody else gets write, no setuid."""
+    return (mode & 0o755) | (0o700 if is_dir else 0o600)
+
+
+def _apply_attrs(target: str | int, st: os.stat_result, attrs: SFTPAttrs) -> None:
+    """setstat/fsetstat on a real file: times, a safe mode; never an owner or a new size."""
+    if attrs.size is not None and attrs.size != st.st_size and not stat.S_ISDIR(st.st_mode):
+        raise asyncssh.SFTPPermissionDenied(
+            "An uploaded file cannot be resized in place; upload it again"
+        )
+    if attrs.permissions is not None:
+        mode = _safe_mode(attrs.permissions, stat.S_ISDIR(st.st_mode))
+        if isinstance(target, int):
+            os.fchmod(target, mode)
+        else:
+            os.chmod(target, mode)
+    if attrs.atime is not None or attrs.mtime is not None:
+        atime = float(attrs.atime) if attrs.atime is not None else st.st_atime
+        mtime = float(attrs.mtime) if attrs.mtime is not None else st.st_mtime
+        os.utime(target, (atime, mtime))
 
 
 def _dir_attrs(now: float) -> SFTPAttrs:

@@ -11,6 +11,9 @@
   disconnects mid-upload leaves nothing in watch/.
 - OPENDIR of something that is not a directory fails at once, as with OpenSSH, rather than at the
   first READDIR.
+- OPEN and OPENDIR fail with SSH_FX_FAILURE once a session holds `max_handles` handles, so a client
+  cannot pile up file descriptors and memory; the client can close some and go on.
+- Every request counts as activity for the connection's idle time-out (server.py).
 """
 
 from __future__ import annotations
@@ -21,6 +24,8 @@ from typing import Any
 from asyncssh import sftp as _sftp
 
 _installed_write_size: list[int] = []
+_stock_open: list[Any] = []
+_stock_process_packet: list[Any] = []
 
 
 def install(max_write_bytes: int) -> None:
@@ -28,10 +33,32 @@ def install(max_write_bytes: int) -> None:
     _installed_write_size[:] = [max_write_bytes]
     if handlers.get(_sftp.FXP_WRITE) is _process_write:
         return
+    _stock_open[:] = [handlers[_sftp.FXP_OPEN]]
+    _stock_process_packet[:] = [_sftp.SFTPServerHandler._process_packet]
     handlers[_sftp.FXP_WRITE] = _process_write
     handlers[_sftp.FXP_CLOSE] = _process_close
+    handlers[_sftp.FXP_OPEN] = _process_open
     handlers[_sftp.FXP_OPENDIR] = _process_opendir
     handlers[b"limits@openssh.com"] = _process_limits
+    _sftp.SFTPServerHandler._process_packet = _process_packet  # type: ignore[method-assign]
+
+
+async def _process_packet(self: Any, pkttype: int, pktid: int, packet: Any) -> None:
+    touch = getattr(self._server, "on_activity", None)
+    if touch is not None:
+        touch()
+    await _stock_process_packet[0](self, pkttype, pktid, packet)
+
+
+def _check_handles(self: Any) -> None:
+    limit = getattr(self._server, "max_handles", None)
+    if limit is not None and len(self._file_handles) + len(self._dir_handles) >= limit:
+        raise _sftp.SFTPFailure(f"Too many open handles (at most {limit} per session)")
+
+
+async def _process_open(self: Any, packet: Any) -> Any:
+    _check_handles(self)
+    return await _stock_open[0](self, packet)
 
 
 async def _process_write(self: Any, packet: Any) -> None:
@@ -66,6 +93,7 @@ async def _process_close(self: Any, packet: Any) -> None:
 
 
 async def _process_opendir(self: Any, packet: Any) -> bytes:
+    _check_handles(self)
     path = packet.get_string()
     attrs = self._server.stat(path)
     if inspect.isawaitable(attrs):

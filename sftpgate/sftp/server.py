@@ -1,24 +1,27 @@
 """The SSH side: host keys, who may log in, and an SSH server that offers the SFTP subsystem only.
 
-Shell, exec (and so scp), port, agent and X11 forwarding are refused. Unknown users go through the
-same password check as known ones (against a dummy hash), so neither answer nor timing tells an
-attacker which user names exist. Failed attempts are delayed, counted, and an address with too many
+Shell, exec (and so legacy scp), port, agent and X11 forwarding and every other subsystem are
+refused. Unknown users go through the same password check as known ones (against a dummy hash),
+and every failed attempt is answered after the same fixed delay, so neither answer nor timing tells
+an attacker which user names exist. Failures are counted per address; an address with too many
 recent failures is turned away for a while.
+
+Limits (all under `sftp:`): SSH connections in total, SFTP sessions per user, idle time-out, open
+handles per session (enforced in protocol.py).
 """
 
 from __future__ import annotations
 
 import asyncio
-import hmac
 import os
 import time
-from collections import defaultdict, deque
+from collections import Counter, defaultdict, deque
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import asyncssh
-from argon2 import PasswordHasher
-from argon2.exceptions import InvalidHashError, VerificationError
+from asyncssh.stream import SSHServerStreamSession
 
 from ..config import Config, UserConfig, parse_listen
 from ..intake import Intake
@@ -26,38 +29,22 @@ from ..layout import Layout
 from ..logs import event
 from ..metrics import Metrics
 from . import protocol
-from .filesystem import GateSFTPServer
+from .filesystem import GateSFTPServer, PartStore
+from .passwords import hash_password, known_hash_scheme
+from .passwords import verify_password as _verify
+
+__all__ = ["LoginGuard", "SftpGateway", "hash_password", "known_hash_scheme", "verify_password"]
 
 HOST_KEY_TYPES = (("ssh-ed25519", "ssh_host_ed25519_key"), ("ssh-rsa", "ssh_host_rsa_key"))
-FAILED_LOGIN_DELAY_SECONDS = 1.0
-BAN_AFTER_FAILURES = 10
-BAN_WINDOW_SECONDS = 600.0
-
-_hasher = PasswordHasher()
-# Verified against for unknown users and key-only users, so a wrong user costs the same time.
-_DUMMY_HASH = _hasher.hash("sftpgate-dummy-password")
-
-
-def hash_password(password: str) -> str:
-    """A salted argon2id hash for `password_hash:` in the config."""
-    return _hasher.hash(password)
+# Forced commands that mean "SFTP only" in OpenSSH setups people migrate from; any other forced
+# command makes the key useless here, since nothing is ever executed.
+_SFTP_COMMANDS = ("internal-sftp", "/usr/lib/openssh/sftp-server", "/usr/libexec/sftp-server")
 
 
 def verify_password(user: UserConfig | None, password: str) -> bool:
-    if user is None or not (user.password or user.password_hash):
-        _verify_hash(_DUMMY_HASH, password)
-        return False
-    if user.password_hash:
-        return _verify_hash(user.password_hash, password)
-    _verify_hash(_DUMMY_HASH, password)  # equal cost for plain and hashed passwords
-    return hmac.compare_digest(user.password.encode(), password.encode())
-
-
-def _verify_hash(hashed: str, password: str) -> bool:
-    try:
-        return _hasher.verify(hashed, password)
-    except (VerificationError, InvalidHashError):
-        return False
+    if user is None:
+        return _verify("", "", password)  # still pays for a dummy argon2 check
+    return _verify(user.password, user.password_hash, password)
 
 
 def ensure_host_keys(directory: Path) -> list[asyncssh.SSHKey]:
@@ -89,7 +76,11 @@ def ensure_host_keys(directory: Path) -> list[asyncssh.SSHKey]:
 def load_authorized_keys(
     user: UserConfig, base: Callable[[str], Path]
 ) -> asyncssh.SSHAuthorizedKeys | None:
-    """Key lines from the config, or the authorized_keys file a single entry points to."""
+    """Key lines from the config, or the authorized_keys file a single entry points to.
+
+    OpenSSH's options apply (`from=` is checked by asyncssh against the client's address); a
+    forced command that only starts SFTP is dropped so that such keys keep working.
+    """
     if not user.authorized_keys:
         return None
     lines = list(user.authorized_keys)
@@ -98,48 +89,94 @@ def load_authorized_keys(
         and not lines[0].lstrip().startswith(("ssh-", "ecdsa-", "sk-"))
         and " " not in lines[0].strip()
     ):
-        return asyncssh.read_authorized_keys(str(base(lines[0])))
-    return asyncssh.import_authorized_keys("\n".join(lines) + "\n")
+        keys = asyncssh.read_authorized_keys(str(base(lines[0])))
+    else:
+        keys = asyncssh.import_authorized_keys("\n".join(lines) + "\n")
+    for entry in getattr(keys, "_user_entries", []):
+        command = entry.options.get("command")
+        if isinstance(command, str) and command.split(" ", 1)[0] in _SFTP_COMMANDS:
+            del entry.options["command"]
+    return keys
 
 
 class LoginGuard:
-    """Counts failed logins per address; too many within the window turns the address away."""
+    """Counts failed logins per address; `limit` failures within `window` seconds turn the
+    address away until enough of them are older than the window."""
 
-    def __init__(self, limit: int = BAN_AFTER_FAILURES, window: float = BAN_WINDOW_SECONDS) -> None:
+    def __init__(
+        self, limit: int, window: float, clock: Callable[[], float] = time.monotonic
+    ) -> None:
         self.limit = limit
         self.window = window
+        self.clock = clock
         self._failures: dict[str, deque[float]] = defaultdict(deque)
 
     def _recent(self, addr: str) -> deque[float]:
         q = self._failures[addr]
-        cutoff = time.monotonic() - self.window
+        cutoff = self.clock() - self.window
         while q and q[0] < cutoff:
             q.popleft()
         return q
 
     def refused(self, addr: str) -> bool:
-        return len(self._recent(addr)) >= self.limit
+        refused = len(self._recent(addr)) >= self.limit
+        if not self._failures[addr]:
+            del self._failures[addr]  # no memory kept for addresses with nothing recent
+        return refused
 
     def failed(self, addr: str) -> None:
-        self._recent(addr).append(time.monotonic())
+        self._recent(addr).append(self.clock())
+        if len(self._failures) > 10_000:  # many addresses (a scan): drop the ones gone quiet
+            for a in [a for a in self._failures if not self._recent(a)]:
+                del self._failures[a]
+
+
+class _SftpSession(SSHServerStreamSession):
+    """asyncssh's own session, counted against the user's session limit while it is open."""
+
+    def __init__(self, owner: GateSSHServer, user: str) -> None:
+        super().__init__(None, lambda chan: owner.gate.new_sftp_server(chan, owner), 3, False)
+        self._owner = owner
+        self._user = user
+        self._released = False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        super().connection_lost(exc)
+        if not self._released:
+            self._released = True
+            self._owner.gate.sessions[self._user] -= 1
 
 
 class GateSSHServer(asyncssh.SSHServer):
     def __init__(self, gate: SftpGateway) -> None:
         self.gate = gate
         self.addr = "?"
+        self.user: str | None = None
         self._conn: asyncssh.SSHServerConnection | None = None
         self._counted = False
+        self._open = False
+        self._auth_tried = False
+        self._failure_counted = False
+        self._idle: asyncio.TimerHandle | None = None
+        self.last_activity = time.monotonic()
 
     def connection_made(self, conn: asyncssh.SSHServerConnection) -> None:
         self._conn = conn
         peer = conn.get_extra_info("peername")
         self.addr = peer[0] if peer else "?"
-        if self.gate.guard.refused(self.addr):
+        self.gate.connections += 1
+        self._open = True
+        if self.gate.connections > self.gate.sftp.max_connections:
+            event("login refused", level=30, address=self.addr, reason="too many connections")
+            conn.close()
+        elif self.gate.guard.refused(self.addr):
             event("login refused", level=30, address=self.addr, reason="too many failed logins")
             conn.close()
 
     def begin_auth(self, username: str) -> bool:
+        # From here on, a connection that ends without logging in counts as one failure: with
+        # authorized keys set, asyncssh rejects wrong keys without asking us.
+        self._auth_tried = True
         user = self.gate.users.get(username)
         keys = self.gate.authorized_keys.get(username) if user else None
         if keys is not None and self._conn is not None:
@@ -150,11 +187,18 @@ class GateSSHServer(asyncssh.SSHServer):
         return True
 
     async def validate_password(self, username: str, password: str) -> bool:
+        self._auth_tried = True
         user = self.gate.users.get(username)
         loop = asyncio.get_running_loop()
+        started = loop.time()
         ok = await loop.run_in_executor(None, verify_password, user, password)
         if not ok:
-            await self._failed(username, "password")
+            # Padded to one fixed delay from the start of the check, so a known user with a
+            # slow hash and an unknown user take the same time to be told no.
+            self._count_failure("password")
+            remaining = self.gate.sftp.failed_login_delay_seconds - (loop.time() - started)
+            if remaining > 0:
+                await asyncio.sleep(remaining)  # slows guessing; not synchronisation
         return ok
 
     def public_key_auth_supported(self) -> bool:
@@ -165,18 +209,60 @@ class GateSSHServer(asyncssh.SSHServer):
         return False
 
     def auth_completed(self) -> None:
+        assert self._conn is not None
+        self.user = self._conn.get_extra_info("username")
         self.gate.metrics.sftp_sessions.inc()
         self._counted = True
+        self.touch()
+        self._arm_idle(self.gate.sftp.idle_timeout_seconds)
+
+    def session_requested(self) -> bool | _SftpSession:
+        # Called for every session channel because the gateway passes no sftp_factory to
+        # asyncssh: the session limit is checked here, where refusing is a clean channel error.
+        if self.user is None:
+            return False
+        if self.gate.sessions[self.user] >= self.gate.sftp.max_sessions_per_user:
+            event("session refused", level=30, user=self.user, reason="too many sessions")
+            return False
+        self.gate.sessions[self.user] += 1
+        return _SftpSession(self, self.user)
+
+    def touch(self) -> None:
+        self.last_activity = time.monotonic()
+
+    def _arm_idle(self, delay: float) -> None:
+        if self.gate.sftp.idle_timeout_seconds > 0:
+            self._idle = asyncio.get_running_loop().call_later(delay, self._check_idle)
+
+    def _check_idle(self) -> None:
+        idle = time.monotonic() - self.last_activity
+        timeout = self.gate.sftp.idle_timeout_seconds
+        if idle < timeout:
+            self._arm_idle(timeout - idle)
+            return
+        event("idle timeout", user=self.user, address=self.addr, seconds=round(idle))
+        if self._conn is not None:
+            self._conn.close()
 
     def connection_lost(self, exc: Exception | None) -> None:
+        if self._open:
+            self._open = False
+            self.gate.connections -= 1
+        if self._idle is not None:
+            self._idle.cancel()
         if self._counted:
             self.gate.metrics.sftp_sessions.dec()
+        elif self._auth_tried:
+            # Gave up (or was cut off) after offering wrong keys: one failure for the address.
+            self._count_failure("publickey")
 
-    async def _failed(self, username: str, method: str) -> None:
+    def _count_failure(self, method: str) -> None:
+        if method == "publickey" and self._failure_counted:
+            return
+        self._failure_counted = True
         self.gate.guard.failed(self.addr)
         self.gate.metrics.sftp_auth_failures.inc()
         event("login failed", level=30, address=self.addr, method=method)
-        await asyncio.sleep(FAILED_LOGIN_DELAY_SECONDS)  # slows guessing; not synchronisation
 
 
 class SftpGateway:
@@ -184,33 +270,50 @@ class SftpGateway:
 
     def __init__(self, config: Config, layout: Layout, intake: Intake, metrics: Metrics) -> None:
         self.config = config
+        self.sftp = config.sftp
         self.layout = layout
         self.intake = intake
         self.metrics = metrics
-        self.guard = LoginGuard()
+        self.guard = LoginGuard(self.sftp.ban_after_failures, self.sftp.ban_seconds)
         self.users = {u.name: u for u in config.sftp.users}
         self.authorized_keys = {
             u.name: keys
             for u in config.sftp.users
             if (keys := load_authorized_keys(u, config.path)) is not None
         }
+        self.connections = 0
+        self.sessions: Counter[str] = Counter()
+        self.parts = PartStore(layout.root / ".resume", self.sftp.resume_keep_seconds)
         self._server: asyncssh.SSHAcceptor | None = None
 
+    def new_sftp_server(self, chan: Any, owner: GateSSHServer) -> GateSFTPServer:
+        return GateSFTPServer(
+            chan,
+            self.layout,
+            self.intake,
+            parts=self.parts,
+            max_handles=self.sftp.max_handles,
+            on_activity=owner.touch,
+        )
+
     async def start(self) -> None:
-        protocol.install(self.config.sftp.max_write_bytes)
-        host, port = parse_listen(self.config.sftp.listen)
-        host_keys = ensure_host_keys(self.config.path(self.config.sftp.host_keys_dir))
+        protocol.install(self.sftp.max_write_bytes)
+        for user in self.sftp.users:
+            for folder in user.folders:
+                (self.layout.user_root(user.name) / folder).mkdir(parents=True, exist_ok=True)
+        self.parts.load()
+        host, port = parse_listen(self.sftp.listen)
+        host_keys = ensure_host_keys(self.config.path(self.sftp.host_keys_dir))
         self._server = await asyncssh.listen(
             host,
             port,
             server_host_keys=host_keys,
             server_factory=lambda: GateSSHServer(self),
-            sftp_factory=lambda chan: GateSFTPServer(chan, self.layout, self.intake),
             allow_scp=False,
             agent_forwarding=False,
             x11_forwarding=False,
             allow_pty=False,
-            login_timeout=self.config.sftp.login_timeout_seconds,
+            login_timeout=self.sftp.login_timeout_seconds,
             # Larger SSH packets and window help clients that use them (notes/sftp-bench.md §5).
             max_pktsize=256 * 1024,
             window=8 * 1024 * 1024,
