@@ -142,7 +142,9 @@ class Ledger:
 
     def active_paths(self) -> set[tuple[str, str]]:
         """(user, path) of every original not finished yet: one query for a whole folder scan."""
-        return set(self._db.execute(f"SELECT user, path FROM originals WHERE state IN {ACTIVE_STATES}"))
+        return set(
+            self._db.execute(f"SELECT user, path FROM originals WHERE state IN {ACTIVE_STATES}")
+        )
 
     def due(self, now: float, limit: int, exclude: Iterable[int] = ()) -> list[Original]:
         """Originals ready for work: queued and due, oldest first."""
