@@ -19,6 +19,7 @@ import aiohttp
 import asyncssh
 import pillow_jxl
 import pytest
+import yaml
 
 from .conftest import PASSWORD, eventually, finished
 from .readers import photo_metadata
@@ -285,3 +286,57 @@ def test_sha1_is_computed_while_bytes_arrive(tmp_path):
     up.write(0, b"x")  # a rewrite: the running hash no longer describes the file
     assert up.sha1 is None
     os.close(fd)
+
+
+async def test_album_per_first_folder_and_a_per_user_immich_account(
+    tmp_path, standin, corpus, host_keys_dir, client_key
+):
+    from sftpgate.config import load_config
+    from sftpgate.server import Service
+
+    from .conftest import gate_config
+
+    alice_key = "alice-own-immich-key-0123"
+    alice_id = standin.state.add_user(alice_key)
+    config = gate_config(
+        tmp_path, standin.url, host_keys_dir, client_key, immich={"album": "{folder}"}
+    )
+    doc = yaml.safe_load(config.read_text())
+    doc["sftp"]["users"].append(
+        {"name": "alice", "password": "alice pw", "immich_api_key": alice_key}
+    )
+    config.write_text(yaml.safe_dump(doc))
+    service = Service(load_config(config))
+    await service.start()
+    try:
+        async with connect(service) as conn, conn.start_sftp_client() as sftp:
+            await sftp.makedirs("Holidays/Day1")
+            await sftp.put(str(corpus / "jpeg/htc-desire-gps.jpg"), "Holidays/Day1/IMG_1.jpg")
+            await sftp.put(
+                str(corpus / "jpeg/canon-a85-orient8.jpg"), "IMG_root.jpg"
+            )  # no folder: no album
+        async with (
+            asyncssh.connect(
+                "127.0.0.1",
+                service.sftp.port,
+                username="alice",
+                password="alice pw",
+                known_hosts=None,
+            ) as conn,
+            conn.start_sftp_client() as sftp,
+        ):
+            await sftp.mkdir("Holidays")
+            await sftp.put(str(corpus / "jpeg/nikon-d5000-gps-xmp.jpeg"), "Holidays/IMG_2.jpeg")
+        await service.pipeline.wait_for(finished(3), timeout=60)
+    finally:
+        await service.stop()
+    assets = {a.original_file_name: a for a in stored_assets(standin)}
+    albums = list(standin.state.albums.values())
+    assert sorted((al.name, al.owner_id == alice_id) for al in albums) == [
+        ("Holidays", False),
+        ("Holidays", True),
+    ]
+    in_albums = {asset_id for al in albums for asset_id in al.asset_ids}
+    assert assets["IMG_1.jxl"].id in in_albums and assets["IMG_2.jxl"].id in in_albums
+    assert assets["IMG_root.jxl"].id not in in_albums
+    assert assets["IMG_2.jxl"].owner_id == alice_id != assets["IMG_1.jxl"].owner_id
