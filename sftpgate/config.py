@@ -19,6 +19,7 @@ from typing import Any
 
 import yaml
 
+ENV_TEMPLATE = Path(__file__).with_name("env_config.yaml")
 DEFAULT_TEMP_PATTERNS = ("*.tmp", "*.part", "*.partial", "*.filepart", ".*", "*~")
 
 
@@ -392,6 +393,10 @@ def load_config(path: str | Path, env: typing.Mapping[str, str] | None = None) -
     """Read, interpolate and check the config file; raise ConfigError listing every problem."""
     path = Path(path)
     env = os.environ if env is None else env
+    base_dir = path.resolve().parent
+    if not path.exists() and any(k.startswith("SFTPGATE_") for k in env):
+        # Configuration by environment only: the file's absence plus SFTPGATE_* variables.
+        path, base_dir = ENV_TEMPLATE, Path.cwd()
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8"))
     except OSError as exc:
@@ -400,7 +405,7 @@ def load_config(path: str | Path, env: typing.Mapping[str, str] | None = None) -
         raise ConfigError([f"config: {path} is not valid YAML: {exc}".replace("\n", " ")]) from exc
     if not isinstance(data, dict):
         raise ConfigError([f"config: {path} must hold a mapping of keys"])
-    return config_from_dict(data, base_dir=path.resolve().parent, env=env)
+    return config_from_dict(data, base_dir=base_dir, env=env)
 
 
 def config_from_dict(

@@ -192,3 +192,33 @@ def test_errors_are_collected_not_just_the_first():
             {"immich": {"url": "ftp://x"}, "bogus": 1, "sftp": {"users": []}}, base_dir=ROOT, env={}
         )
     assert any(p.startswith("bogus:") for p in err.value.problems)
+
+
+def test_environment_only_configuration_when_there_is_no_file(tmp_path):
+    env = {
+        "SFTPGATE_IMMICH_URL": "http://immich-server:2283",
+        "SFTPGATE_IMMICH_API_KEY": "k3y",
+        "SFTPGATE_SFTP_USER": "anna",
+        "SFTPGATE_SFTP_PASSWORD": "s3cret",
+        "SFTPGATE_SFTP_PORT": "2022",
+    }
+    result = subprocess.run(
+        [sys.executable, "-m", "sftpgate.main", "check-config"],
+        capture_output=True, text=True, env={**os.environ, **env}, cwd=tmp_path,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    cfg = load_config(tmp_path / "absent.yaml", env=env)
+    assert (cfg.immich.url, cfg.immich.api_key) == ("http://immich-server:2283", "k3y")
+    assert (cfg.sftp.users[0].name, cfg.sftp.users[0].password, cfg.sftp.listen) == (
+        "anna",
+        "s3cret",
+        "0.0.0.0:2022",
+    )
+    missing = subprocess.run(
+        [sys.executable, "-m", "sftpgate.main", "check-config"],
+        capture_output=True, text=True, env={**os.environ, "SFTPGATE_IMMICH_URL": "http://x"}, cwd=tmp_path,
+    )  # fmt: skip
+    assert missing.returncode == 2
+    assert (
+        "immich.api_key: environment variable SFTPGATE_IMMICH_API_KEY is not set" in missing.stderr
+    )
