@@ -35,7 +35,7 @@ import signal
 import sys
 import uuid
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, TextIO
@@ -43,14 +43,12 @@ from typing import TYPE_CHECKING, TextIO
 import aiohttp
 
 from .config import Config, parse_listen
-from .immich.client import ImmichClient
 from .intake import Intake, sha1_of_file
 from .layout import DataDirBusy, Layout, fsync_dir, lock_data_dir, move_durably
-from .ledger import ACTIVE_STATES, FINAL_STATES, Ledger, LedgerThread, Original
+from .ledger import ACTIVE_STATES, FINAL_STATES, Original
 from .logs import file_event
 from .metrics import Metrics
-from .pipeline import Pipeline
-from .workers import CodecPool
+from .server import start_stages
 
 if TYPE_CHECKING:
     from tqdm import tqdm
@@ -234,25 +232,10 @@ class Importer:
         self.layout.ensure(users)
         for part in self.layout.staging.glob(f"{_PART_PREFIX}*"):
             part.unlink(missing_ok=True)  # a killed import's half copy; its source is still there
-        self.db = LedgerThread(Ledger(self.layout.ledger))
-        self.pool = CodecPool(cfg.optimize.workers or os.cpu_count() or 1)
-        with _sigint_ignored():
-            await self.pool.start()
-        self.immich = ImmichClient(cfg.immich.url, timeout_seconds=cfg.immich.timeout_seconds)
-        self.pipeline = Pipeline(cfg, self.layout, self.db, self.pool, self.immich, self.metrics)
-        self.intake = Intake(
-            self.layout,
-            self.db,
-            self.metrics,
-            users,
-            cfg.sftp.temp_patterns,
-            cfg.sftp.remember_days,
-            cfg.watch.settle_seconds,
-            self.pipeline.wake,
-        )
-        await self.pipeline.recover()
-        # A file a killed run had renamed into watch/ but not yet recorded is complete: adopt it.
-        await self.intake.scan_watch(settle=False)
+        # Workers ignore Ctrl-C themselves; this process stops them (see `interrupted`).
+        stages = await start_stages(cfg, self.layout, self.metrics)
+        self.db, self.pool, self.immich = stages.db, stages.pool, stages.immich
+        self.pipeline, self.intake = stages.pipeline, stages.intake
         self.runner = asyncio.create_task(self.pipeline.run())
 
     async def _stop(self) -> None:
@@ -462,19 +445,6 @@ class Importer:
             for line in report.undone:
                 print(f"  {line}", file=self.out)
         return 1 if (o["undone"] or o["lost"] or report.not_imported) else 0
-
-
-@contextlib.contextmanager
-def _sigint_ignored() -> Iterator[None]:
-    """Codec workers are spawned with SIGINT ignored (an ignored signal stays ignored across exec):
-    Ctrl-C in a terminal reaches the whole process group, and a worker stopped mid-file would send
-    its photo to undone/ instead of back to the queue. This process still handles Ctrl-C."""
-    previous = signal.getsignal(signal.SIGINT)
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGINT, previous)
 
 
 def _unlink_durably(path: Path) -> None:

@@ -12,6 +12,7 @@ import contextlib
 import os
 import signal
 import time
+from dataclasses import dataclass
 
 import watchfiles
 from aiohttp import web
@@ -45,26 +46,9 @@ class Service:
         self._lock = lock_data_dir(self.layout.root)
         self.layout.ensure(users)
         _remove_stale_parts(self.layout)
-        self.db = LedgerThread(Ledger(self.layout.ledger))
-        self.pool = CodecPool(
-            cfg.optimize.workers or os.cpu_count() or 1, preload=("sftpgate.optimize",)
-        )
-        await self.pool.start()
-        self.immich = ImmichClient(cfg.immich.url, timeout_seconds=cfg.immich.timeout_seconds)
-        self.pipeline = Pipeline(cfg, self.layout, self.db, self.pool, self.immich, self.metrics)
-        self.intake = Intake(
-            self.layout,
-            self.db,
-            self.metrics,
-            users,
-            cfg.sftp.temp_patterns,
-            cfg.sftp.remember_days,
-            cfg.watch.settle_seconds,
-            self.pipeline.wake,
-        )
-        await self.pipeline.recover()
-        # Files that landed while we were down are complete: no need to wait for them to settle.
-        await self.intake.scan_watch(settle=False)
+        stages = await start_stages(cfg, self.layout, self.metrics)
+        self.db, self.pool, self.immich = stages.db, stages.pool, stages.immich
+        self.pipeline, self.intake = stages.pipeline, stages.intake
         self._tasks.append(asyncio.create_task(self.pipeline.run()))
         self._tasks.append(asyncio.create_task(self._scan_forever()))
         self.sftp = SftpGateway(cfg, self.layout, self.intake, self.metrics)
@@ -164,6 +148,40 @@ class Service:
         await stop.wait()
         event("stopping", reason="signal")
         await self.stop()
+
+
+@dataclass
+class Stages:
+    """The stages every entry point shares (serve, import): ledger, workers, Immich, pipeline."""
+
+    db: LedgerThread
+    pool: CodecPool
+    immich: ImmichClient
+    pipeline: Pipeline
+    intake: Intake
+
+
+async def start_stages(config: Config, layout: Layout, metrics: Metrics) -> Stages:
+    """Open the ledger, start the workers, finish what a crash interrupted, and adopt files that
+    landed in watch/ while nothing was running (they are complete: no need to let them settle)."""
+    db = LedgerThread(Ledger(layout.ledger))
+    pool = CodecPool(config.optimize.workers or os.cpu_count() or 1, preload=("sftpgate.optimize",))
+    await pool.start()
+    immich = ImmichClient(config.immich.url, timeout_seconds=config.immich.timeout_seconds)
+    pipeline = Pipeline(config, layout, db, pool, immich, metrics)
+    intake = Intake(
+        layout,
+        db,
+        metrics,
+        [u.name for u in config.sftp.users],
+        config.sftp.temp_patterns,
+        config.sftp.remember_days,
+        config.watch.settle_seconds,
+        pipeline.wake,
+    )
+    await pipeline.recover()
+    await intake.scan_watch(settle=False)
+    return Stages(db, pool, immich, pipeline, intake)
 
 
 def _remove_stale_parts(layout: Layout) -> None:
