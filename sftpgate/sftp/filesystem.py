@@ -79,7 +79,14 @@ class UploadFile:
         return None
 
     def write(self, offset: int, data: bytes) -> None:
-        os.pwrite(self.fd, data, offset)
+        # pwrite may write less than asked when the disk fills up, without an error: finish the
+        # write or fail it, never let a short write become a truncated "complete" upload.
+        view, done = memoryview(data), 0
+        while done < len(data):
+            written = os.pwrite(self.fd, view[done:], offset + done)
+            if written == 0:
+                raise OSError(errno.ENOSPC, "No space left on device")
+            done += written
         if self._hash_valid:
             if offset == self._hashed:
                 self._sha1.update(data)
