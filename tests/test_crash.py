@@ -90,6 +90,11 @@ class ServiceProcess:
         self.proc.send_signal(signal.SIGKILL)
         await self.proc.wait()
 
+    async def kill_if_running(self) -> None:
+        """Cleanup after a failed assertion: never leave a service behind."""
+        if self.proc is not None and self.proc.returncode is None:
+            await self.kill()
+
     async def terminate(self) -> int:
         assert self.proc is not None
         self.proc.send_signal(signal.SIGTERM)
@@ -181,8 +186,7 @@ async def test_sigkill_at_random_instants_loses_nothing_and_duplicates_nothing(
     finally:
         stop.set()
         client.cancel()
-        if service.proc and service.proc.returncode is None:
-            await service.kill()
+        await service.kill_if_running()
 
     assert completed == set(photos), "the sync app could not finish its uploads"
     # The kills must have hit real work, or this test would prove nothing.

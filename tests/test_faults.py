@@ -184,39 +184,42 @@ async def test_sigterm_parks_work_and_exits_zero(
     )  # fmt: skip
     service = ServiceProcess(config, tmp_path / "service.log", metrics_port)
     await service.start()
-    standin.state.delay_seconds = 30  # an upload is in flight when the signal comes
-    base = (corpus / "jpeg/apple-iphone5-orient3-gps.jpg").read_bytes()
-    async with (
-        asyncssh.connect(
-            "127.0.0.1", sftp_port, username="phone", password=PASSWORD, known_hosts=None
-        ) as conn,
-        conn.start_sftp_client() as sftp,
-    ):
-        for n in range(3):
-            async with sftp.open(f"IMG_{n}.jpg", "wb") as f:
-                await f.write(distinct_jpeg(base, n))
+    try:
+        standin.state.delay_seconds = 30  # an upload is in flight when the signal comes
+        base = (corpus / "jpeg/apple-iphone5-orient3-gps.jpg").read_bytes()
+        async with (
+            asyncssh.connect(
+                "127.0.0.1", sftp_port, username="phone", password=PASSWORD, known_hosts=None
+            ) as conn,
+            conn.start_sftp_client() as sftp,
+        ):
+            for n in range(3):
+                async with sftp.open(f"IMG_{n}.jpg", "wb") as f:
+                    await f.write(distinct_jpeg(base, n))
 
-    def uploading() -> bool:
-        ledger = Ledger(tmp_path / "data" / "sftpgate.db")
-        try:
-            return ledger.count_by_state().get("uploading", 0) >= 1
-        finally:
-            ledger.close()
+        def uploading() -> bool:
+            ledger = Ledger(tmp_path / "data" / "sftpgate.db")
+            try:
+                return ledger.count_by_state().get("uploading", 0) >= 1
+            finally:
+                ledger.close()
 
-    await eventually(uploading, what="an upload to be in flight")
-    loop = asyncio.get_running_loop()
-    started = loop.time()
-    assert await service.terminate() == 0
-    assert loop.time() - started < 15, "SIGTERM must finish or park work within seconds"
-    assert "stopped" in (tmp_path / "service.log").read_text()
-    standin.state.delay_seconds = 0
-    await service.start()
-    data = tmp_path / "data"
-    await eventually(
-        lambda: not any(p.is_file() for p in (data / "watch" / "phone").rglob("*")), timeout=60,
-        what="the parked files to be delivered after the restart",
-    )  # fmt: skip
-    assert await service.terminate() == 0
+        await eventually(uploading, what="an upload to be in flight")
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        assert await service.terminate() == 0
+        assert loop.time() - started < 15, "SIGTERM must finish or park work within seconds"
+        assert "stopped" in (tmp_path / "service.log").read_text()
+        standin.state.delay_seconds = 0
+        await service.start()
+        data = tmp_path / "data"
+        await eventually(
+            lambda: not any(p.is_file() for p in (data / "watch" / "phone").rglob("*")), timeout=60,
+            what="the parked files to be delivered after the restart",
+        )  # fmt: skip
+        assert await service.terminate() == 0
+    finally:
+        await service.kill_if_running()
     assert sorted(a.original_file_name for a in standin.state.assets.values()) == [
         "IMG_0.jxl",
         "IMG_1.jxl",
