@@ -28,6 +28,8 @@ from typing import TypeVar
 
 T = TypeVar("T")
 
+_MAX_CHAR = "\U0010ffff"  # sorts after every other character (SQLite compares UTF-8 bytes)
+
 ACTIVE_STATES = ("received", "queued", "optimizing", "uploading")
 FINAL_STATES = ("done", "undone")
 OUTCOMES = ("uploaded", "kept", "duplicate", "undone")
@@ -120,6 +122,21 @@ class Ledger:
         self._db.execute("PRAGMA synchronous=FULL")
         self._db.execute("PRAGMA busy_timeout=10000")
         self._db.executescript(_SCHEMA)
+        self._add_folder_column()
+
+    def _add_folder_column(self) -> None:
+        """`folder`: the path up to its last "/" ("DCIM/2024/" for "DCIM/2024/a.jpg", "" at the
+        root), computed by SQLite and indexed, so a listing reads only its own folder's rows and
+        finds subfolders by seeking (remembered_dirs). Added to ledgers made before it existed."""
+        columns = {row[1] for row in self._db.execute("PRAGMA table_xinfo(originals)")}
+        if "folder" not in columns:
+            self._db.execute(
+                "ALTER TABLE originals ADD COLUMN folder TEXT"
+                " GENERATED ALWAYS AS (rtrim(path, replace(path, '/', ''))) VIRTUAL"
+            )
+        self._db.execute(
+            "CREATE INDEX IF NOT EXISTS originals_user_folder ON originals(user, folder)"
+        )
 
     def close(self) -> None:
         self._db.close()
@@ -178,29 +195,31 @@ class Ledger:
         prefix = f"{directory}/" if directory else ""
         out: dict[str, Remembered] = {}
         for name_path, size, mtime in self._db.execute(
-            "SELECT path, size, mtime FROM originals WHERE user = ? AND forgotten = 0"
-            " AND received_at >= ? AND path >= ? AND path < ? ORDER BY id",
-            (user, since, prefix, prefix + "\U0010ffff"),
+            "SELECT path, size, mtime FROM originals WHERE user = ? AND folder = ?"
+            " AND forgotten = 0 AND received_at >= ? ORDER BY id",
+            (user, prefix, since),
         ):
-            rest = name_path[len(prefix) :]
-            if "/" in rest:
-                continue
-            out[rest] = Remembered(size, mtime)
+            out[name_path[len(prefix) :]] = Remembered(size, mtime)
         return out
 
     def remembered_dirs(self, user: str, directory: str, since: float) -> set[str]:
-        """Folder names inside `directory` that only exist through remembered files."""
+        """Folder names inside `directory` that only exist through remembered files: one index
+        seek per subfolder (all of a subfolder's folders sort together), not a read of every
+        row below `directory`."""
         prefix = f"{directory}/" if directory else ""
         out: set[str] = set()
-        for (name_path,) in self._db.execute(
-            "SELECT path FROM originals WHERE user = ? AND forgotten = 0 AND received_at >= ?"
-            " AND path >= ? AND path < ?",
-            (user, since, prefix, prefix + "\U0010ffff"),
-        ):
-            rest = name_path[len(prefix) :]
-            if "/" in rest:
-                out.add(rest.split("/", 1)[0])
-        return out
+        after = prefix  # folder == prefix: files directly inside, not a subfolder
+        while True:
+            row = self._db.execute(
+                "SELECT folder FROM originals WHERE user = ? AND folder > ? AND folder < ?"
+                " AND forgotten = 0 AND received_at >= ? ORDER BY folder LIMIT 1",
+                (user, after, prefix + _MAX_CHAR, since),
+            ).fetchone()
+            if row is None:
+                return out
+            name = row[0][len(prefix) :].split("/", 1)[0]
+            out.add(name)
+            after = f"{prefix}{name}/{_MAX_CHAR}"
 
     def remembered(self, user: str, path: str, since: float) -> Remembered | None:
         row = self._db.execute(

@@ -271,21 +271,43 @@ async def test_wrong_password_is_refused_and_counted(gate):
     assert gate.metrics.sftp_auth_failures._value.get() >= 1
 
 
-def test_sha1_is_computed_while_bytes_arrive(tmp_path):
-    """The running hash equals a hash of the file; writes out of order fall back to None."""
+async def test_sha1_is_computed_while_bytes_arrive(tmp_path):
+    """The hash that follows the writes equals a hash of the file: over several hashing jobs,
+    from bytes already in the part (append, resume after a restart) and after a resume that
+    hands over a running hash; a write anywhere but the end gives the hash up (None)."""
     import os
 
     from sftpgate.sftp.filesystem import UploadFile
 
-    data = os.urandom(300_000)
-    fd = os.open(tmp_path / "part", os.O_RDWR | os.O_CREAT)
-    up = UploadFile("x.jpg", tmp_path / "part", fd, None)
-    for off in range(0, len(data), 32768):
-        up.write(off, data[off : off + 32768])
+    data = os.urandom(2 * UploadFile.HASH_CHUNK + 300_000)
+    step = 261_120  # the OpenSSH client's write size
+    part = tmp_path / "part"
+    up = UploadFile("x.jpg", part, os.open(part, os.O_RDWR | os.O_CREAT), None)
+    for off in range(0, len(data), step):
+        up.write(off, data[off : off + step])
+    await up.catch_up()
     assert up.sha1 == hashlib.sha1(data).hexdigest()
-    up.write(0, b"x")  # a rewrite: the running hash no longer describes the file
-    assert up.sha1 is None
-    os.close(fd)
+    state = up.sha1_state()
+    up.release()
+
+    again = UploadFile("x.jpg", part, os.open(part, os.O_RDWR), None)
+    again.start_from(part.stat().st_size)  # nothing known about these bytes: hashed from 0
+    again.write(len(data), b"tail")
+    await again.catch_up()
+    assert again.sha1 == hashlib.sha1(data + b"tail").hexdigest()
+    again.release()
+
+    resumed = UploadFile("x.jpg", part, os.open(part, os.O_RDWR), None)
+    os.truncate(part, len(data))
+    resumed.start_from(len(data), state)
+    resumed.write(len(data), b"more")
+    await resumed.catch_up()
+    assert resumed.sha1 == hashlib.sha1(data + b"more").hexdigest()
+    resumed.write(0, b"x")  # a rewrite: the running hash no longer describes the file
+    await resumed.catch_up()
+    assert resumed.sha1 is None
+    resumed.release()
+    assert resumed.fd == -1
 
 
 async def test_album_per_first_folder_and_a_per_user_immich_account(

@@ -96,3 +96,52 @@ async def test_a_sync_that_compares_listings_sends_nothing_the_second_time(gate,
         assert not any(p.is_file() for p in (gate.layout.watch / "phone" / "Camera").iterdir())
         assert await sync(sftp) == 0
     assert standin.state.uploads_received == 2
+
+
+def test_listing_queries_see_only_their_folder_also_in_a_ledger_made_before_the_folder_column(
+    tmp_path,
+):
+    """remembered_in_dir / remembered_dirs read the indexed `folder` column: direct files only,
+    subfolders found by seeking past each one (names that sort around "/" included), forgotten
+    files left out; a ledger written before the column existed gets it on opening."""
+    import sqlite3
+
+    from sftpgate.ledger import _SCHEMA, Ledger
+
+    db_file = tmp_path / "old.db"
+    old = sqlite3.connect(db_file)
+    old.executescript(_SCHEMA)  # the table as earlier releases created it
+    paths = [
+        "top.jpg", "DCIM/a.jpg", "DCIM/Camera/b.jpg", "DCIM/Camera/sub/c.jpg", "DCIM 2/d.jpg",
+        "DCIM-x/e.jpg", "DCIM/Ω/f.jpg", "DCIM/gone/g.jpg", "DCIMx.jpg",
+    ]  # fmt: skip
+    now = time.time()
+    for path in paths:
+        old.execute(
+            "INSERT INTO originals (user, path, state, sha1, size, mtime, received_at, updated_at,"
+            " forgotten) VALUES ('phone', ?, 'done', ?, 1, 1.0, ?, ?, ?)",
+            (path, "0" * 40, now, now, int(path.startswith("DCIM/gone/"))),
+        )
+    old.commit()
+    old.close()
+
+    ledger = Ledger(db_file)
+    try:
+        assert set(ledger.remembered_in_dir("phone", "", 0)) == {"top.jpg", "DCIMx.jpg"}
+        assert ledger.remembered_dirs("phone", "", 0) == {"DCIM", "DCIM 2", "DCIM-x"}
+        assert set(ledger.remembered_in_dir("phone", "DCIM", 0)) == {"a.jpg"}
+        assert ledger.remembered_dirs("phone", "DCIM", 0) == {"Camera", "Ω"}
+        assert ledger.remembered_dirs("phone", "DCIM/Camera", 0) == {"sub"}
+        assert set(ledger.remembered_in_dir("phone", "DCIM/Camera/sub", 0)) == {"c.jpg"}
+        assert ledger.remembered_dirs("phone", "DCIM/gone", 0) == set()
+        assert ledger.remembered_in_dir("phone", "DCIM", now + 1) == {}  # expired
+        plan = " ".join(
+            str(row)
+            for row in ledger._db.execute(
+                "EXPLAIN QUERY PLAN SELECT folder FROM originals WHERE user = 'phone'"
+                " AND folder > 'DCIM/' AND folder < 'DCIN' ORDER BY folder LIMIT 1"
+            )
+        )
+        assert "originals_user_folder" in plan
+    finally:
+        ledger.close()

@@ -273,6 +273,39 @@ async def test_openssh_reput_resumes_an_upload_cut_off_mid_way(gate, client_key,
     assert not any((gate.layout.root / ".resume").iterdir())
 
 
+@pytest.mark.parametrize(
+    "cipher",
+    ["chacha20-poly1305@openssh.com", "aes128-gcm@openssh.com", "aes256-ctr"],
+)
+async def test_each_cipher_delivers_the_bytes_and_their_sha1(gate, client_key, tmp_path, cipher):
+    """Large enough for several background hashing jobs and fdatasyncs (UploadFile); the SHA-1
+    the server recorded while the bytes arrived must be the file's."""
+    from sftpgate.sftp.filesystem import UploadFile
+
+    size = 2 * UploadFile.SYNC_EVERY + 12_345
+    data = make_files(tmp_path, {"clip.mov": size})["clip.mov"]
+    await sftp_batch(gate.sftp.port, client_key, "put clip.mov\n", tmp_path, extra=("-c", cipher))
+    await gate.pipeline.wait_for(finished(1), timeout=60)
+    row = (await ledger_rows(gate))[("phone", "clip.mov")]
+    assert (row.sha1, row.size) == (sha1(data), size)
+
+
+def test_the_chacha20_receive_path_matches_asyncssh_and_refuses_a_forged_packet():
+    from asyncssh.crypto.chacha import ChachaCipher
+
+    from sftpgate.sftp.protocol import chacha_verify_and_decrypt
+
+    cipher = ChachaCipher(os.urandom(64))
+    for size in (0, 16, 1000, 32768, 262144):
+        nonce, header, payload = os.urandom(8), os.urandom(4), os.urandom(size)
+        packet, tag = cipher.encrypt_and_sign(header, payload, nonce)
+        enc_header, enc_payload = packet[:4], packet[4:]
+        assert chacha_verify_and_decrypt(cipher, enc_header, enc_payload, nonce, tag) == payload
+        forged = bytes([enc_header[0] ^ 1]) + enc_header[1:]
+        assert chacha_verify_and_decrypt(cipher, forged, enc_payload, nonce, tag) is None
+        assert chacha_verify_and_decrypt(cipher, enc_header, enc_payload, nonce, bytes(16)) is None
+
+
 async def test_scp_in_sftp_mode_works_and_stays_in_the_jail(gate, client_key, tmp_path):
     """OpenSSH ≥ 9 `scp` speaks SFTP; it must succeed (exit status 0) and land inside the jail.
     Legacy `scp -O` is an exec request and is refused (test_sftp_security.py)."""

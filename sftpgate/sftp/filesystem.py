@@ -48,7 +48,19 @@ _DIR_MODE = 0o040755
 
 
 class UploadFile:
-    """An open upload: a part in .staging/ plus the running SHA-1 of what arrived in order."""
+    """An open upload: a part in .staging/ plus the running SHA-1 of what arrived in order.
+
+    The event loop only writes. The SHA-1 follows behind: a job on the loop's executor reads
+    what arrived back from the page cache, HASH_CHUNK at a time, and hashes it; every SYNC_EVERY
+    bytes it also fdatasyncs the part. These calls release the GIL, and in pieces this large the
+    job rarely waits for it, so hashing (a fifth of the loop's time when it hashed each WRITE
+    itself) runs on the other core, and the fsync at CLOSE has only the last bytes left (an fsync
+    of 1 GiB at the end took 1.1 s here, even after the pages were written back: the flush
+    itself costs). The hash stays valid while every write continues where the last one ended.
+    """
+
+    HASH_CHUNK = 2 << 20
+    SYNC_EVERY = 32 << 20
 
     def __init__(self, path: str, staged: Path, fd: int, mtime: float | None) -> None:
         self.path = path
@@ -58,25 +70,21 @@ class UploadFile:
         self.atime = mtime
         self.closed_by_client = False  # set by protocol.py when the CLOSE request arrives
         self.failed: asyncssh.SFTPError | None = None  # a write failed: the bytes have a hole
-        self._sha1: Any = hashlib.sha1()
-        self._hashed = 0  # bytes fed to the hash; a write anywhere else disables it
-        self._hash_valid = True
         self.size = 0
+        self._sha1: Any = hashlib.sha1()
+        self._hashed = 0  # bytes [0, _hashed) of the part are in the hash
+        self._hash_valid = True
+        self._hashing: asyncio.Future[None] | None = None  # the job hashing the next bytes
+        self._synced = 0  # bytes [0, _synced) are on disk
+        self.sync_error: OSError | None = None  # a background fdatasync failed: fail the upload
 
     def start_from(self, size: int, sha1: tuple[Any, int] | None = None) -> None:
         """The part begins with `size` bytes already there (append, resume); `sha1` is the
-        running hash of exactly those bytes when it is known."""
+        running hash of its first bytes when it is known (else they are hashed from 0)."""
         self.size = size
-        if sha1 is not None and sha1[1] == size:
-            self._sha1, self._hashed, self._hash_valid = sha1[0], size, True
-        else:
-            self._hash_valid = size == 0
-
-    def sha1_state(self) -> tuple[Any, int] | None:
-        """The running hash, to continue it after a resume, when it covers the whole part."""
-        if self._hash_valid and self._hashed == self.size:
-            return self._sha1.copy(), self._hashed
-        return None
+        if sha1 is not None and sha1[1] <= size:
+            self._sha1, self._hashed = sha1
+        self._follow()
 
     def write(self, offset: int, data: bytes) -> None:
         # pwrite may write less than asked when the disk fills up, without an error: finish the
@@ -87,23 +95,78 @@ class UploadFile:
             if written == 0:
                 raise OSError(errno.ENOSPC, "No space left on device")
             done += written
-        if self._hash_valid:
-            if offset == self._hashed:
-                self._sha1.update(data)
-                self._hashed += len(data)
-            else:
-                self._hash_valid = False
+        if offset != self.size:
+            self._hash_valid = False  # a rewrite or a hole: hashed again from the file at CLOSE
         self.size = max(self.size, offset + len(data))
+        self._follow()
 
     def truncate(self, size: int) -> None:
         os.ftruncate(self.fd, size)
-        if size != self._hashed:
+        if size != self.size:
             self._hash_valid = False
         self.size = size
 
+    def _follow(self, final: bool = False) -> None:
+        """Start a hashing job when enough new bytes arrived (any at all when `final`)."""
+        if not self._hash_valid or (self._hashing is not None and not self._hashing.done()):
+            return
+        if self.size - self._hashed >= (1 if final else self.HASH_CHUNK):
+            self._hashing = asyncio.get_running_loop().run_in_executor(
+                None, self._hash_part, self.fd, self.size
+            )
+
+    def _hash_part(self, fd: int, end: int) -> None:
+        """On an executor thread: hash the part's bytes from `_hashed` to `end`, then put them
+        on disk if SYNC_EVERY bytes are waiting. Never raises: the loop reads the outcome."""
+        try:
+            while self._hashed < end:
+                chunk = os.pread(fd, min(self.HASH_CHUNK, end - self._hashed), self._hashed)
+                if not chunk:
+                    raise OSError(errno.EIO, "The part is shorter than what was written")
+                self._sha1.update(chunk)
+                self._hashed += len(chunk)
+        except OSError:
+            self._hash_valid = False  # hashed again from the file, if it is delivered
+            return
+        if end - self._synced >= self.SYNC_EVERY:
+            try:
+                os.fdatasync(fd)
+            except OSError as exc:  # after a failed sync the bytes may be gone: never deliver
+                self.sync_error = exc
+            self._synced = end
+
+    async def catch_up(self) -> None:
+        """Hash everything written so far (before the part is finished or parked)."""
+        while self._hash_valid and self._hashed < self.size:
+            self._follow(final=True)
+            if self._hashing is not None:
+                await self._hashing
+
+    def sha1_state(self) -> tuple[Any, int] | None:
+        """The running hash and how many bytes it covers, to continue it after a resume
+        (call after `catch_up`)."""
+        if self._hash_valid and (self._hashing is None or self._hashing.done()):
+            return self._sha1.copy(), self._hashed
+        return None
+
     @property
     def sha1(self) -> str | None:
-        return self._sha1.hexdigest() if self._hash_valid and self._hashed == self.size else None
+        """The part's SHA-1 (call after `catch_up`); None when it must be hashed from the file."""
+        caught_up = self._hashed == self.size and (self._hashing is None or self._hashing.done())
+        return self._sha1.hexdigest() if self._hash_valid and caught_up else None
+
+    def release(self) -> None:
+        """Close the part's descriptor, after the hashing job that may still read it (a close
+        now could hand the number to another file while the job reads)."""
+        fd, self.fd = self.fd, -1
+        if fd < 0:
+            return
+        job = self._hashing
+        if job is not None and not job.done():
+            self._hash_valid = False
+            job.add_done_callback(lambda _: os.close(fd))
+        else:
+            os.close(fd)
 
 
 @dataclass
@@ -116,7 +179,7 @@ class Part:
     size: int
     touched: float  # time of the last byte (shown as its mtime; it expires from here)
     mtime: float | None  # the client's mtime, if it gave one
-    sha1: tuple[Any, int] | None  # running hash state; lost over a restart (then recomputed)
+    sha1: tuple[Any, int] | None  # running hash and bytes it covers; after a restart None
 
 
 class PartStore:
@@ -321,6 +384,9 @@ class GateSFTPServer(asyncssh.SFTPServer):
                 if file_obj.closed_by_client:
                     raise file_obj.failed
                 return
+            await file_obj.catch_up()
+            if file_obj.sync_error is not None and file_obj.closed_by_client:
+                raise _sftp_error(file_obj.sync_error)
             if not file_obj.closed_by_client:
                 # The connection dropped mid-upload: keep the part for a resume (or discard it
                 # below). Nothing reaches watch/ without the client's CLOSE.
@@ -330,8 +396,7 @@ class GateSFTPServer(asyncssh.SFTPServer):
                 await loop.run_in_executor(None, os.fsync, file_obj.fd)
             except OSError as exc:
                 raise _sftp_error(exc) from None
-            os.close(file_obj.fd)
-            file_obj.fd = -1
+            file_obj.release()
             upload = Upload(
                 user=self.user,
                 path=file_obj.path,
@@ -348,9 +413,7 @@ class GateSFTPServer(asyncssh.SFTPServer):
                 event("upload failed", level=40, user=self.user, path=file_obj.path, error=str(exc))
                 raise asyncssh.SFTPFailure("The server could not record the upload") from None
         finally:
-            if file_obj.fd >= 0:
-                os.close(file_obj.fd)
-                file_obj.fd = -1
+            file_obj.release()
             file_obj.staged.unlink(missing_ok=True)
 
     def fstat(self, file_obj: object) -> SFTPAttrs:

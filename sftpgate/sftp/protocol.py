@@ -14,6 +14,10 @@
 - OPEN and OPENDIR fail with SSH_FX_FAILURE once a session holds `max_handles` handles, so a client
   cannot pile up file descriptors and memory; the client can close some and go on.
 - Every request counts as activity for the connection's idle time-out (server.py).
+- chacha20-poly1305@openssh.com, the OpenSSH client's default cipher, is checked and decrypted
+  with one ChaCha20 stream per packet (block 0 gives the Poly1305 key, the payload starts at
+  block 1, as the construction defines) and an incremental Poly1305, instead of two streams and a
+  copy of the whole packet: the stock receive path was a fifth of the event loop's time.
 """
 
 from __future__ import annotations
@@ -22,6 +26,11 @@ import inspect
 from typing import Any
 
 from asyncssh import sftp as _sftp
+from asyncssh.crypto import chacha as _chacha
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives.ciphers import Cipher
+from cryptography.hazmat.primitives.ciphers.algorithms import ChaCha20
+from cryptography.hazmat.primitives.poly1305 import Poly1305
 
 _installed_write_size: list[int] = []
 _stock_open: list[Any] = []
@@ -41,6 +50,7 @@ def install(max_write_bytes: int) -> None:
     handlers[_sftp.FXP_OPENDIR] = _process_opendir
     handlers[b"limits@openssh.com"] = _process_limits
     _sftp.SFTPServerHandler._process_packet = _process_packet  # type: ignore[method-assign]
+    _chacha.ChachaCipher.verify_and_decrypt = chacha_verify_and_decrypt  # type: ignore[method-assign]
 
 
 async def _process_packet(self: Any, pkttype: int, pktid: int, packet: Any) -> None:
@@ -110,3 +120,22 @@ async def _process_limits(self: Any, packet: Any) -> Any:
     packet.check_end()
     write = _installed_write_size[0]
     return _sftp.SFTPLimits(write + 1024, _sftp.MAX_SFTP_READ_LEN, write, 1024)
+
+
+_CHACHA_BLOCK_0 = bytes(64)
+_CHACHA_COUNTER_0 = bytes(8)
+
+
+def chacha_verify_and_decrypt(
+    self: Any, header: bytes, data: bytes, nonce: bytes, tag: bytes
+) -> bytes | None:
+    """ChachaCipher.verify_and_decrypt with one key stream and no copy of the packet."""
+    stream = Cipher(ChaCha20(self._key, _CHACHA_COUNTER_0 + nonce), mode=None).encryptor()
+    mac = Poly1305(stream.update(_CHACHA_BLOCK_0)[:32])
+    mac.update(header)
+    mac.update(data)
+    try:
+        mac.verify(tag)
+    except InvalidSignature:
+        return None
+    return stream.update(data)
