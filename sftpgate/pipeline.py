@@ -99,7 +99,9 @@ class Pipeline:
     async def run(self) -> None:
         """Dispatch due originals until stopped."""
         watcher = asyncio.create_task(self._watch_immich())
-        capacity = self.pool.size + self.config.retry.upload_concurrency
+        # One file waits at each worker besides the one it converts, so a worker starts its next
+        # file the moment it finishes, not after the dispatcher's ledger round trips.
+        capacity = 2 * self.pool.size + self.config.retry.upload_concurrency
         try:
             while not self._stopping:
                 self._wakeup.clear()

@@ -384,18 +384,22 @@ class GateSFTPServer(asyncssh.SFTPServer):
                 if file_obj.closed_by_client:
                     raise file_obj.failed
                 return
-            await file_obj.catch_up()
-            if file_obj.sync_error is not None and file_obj.closed_by_client:
-                raise _sftp_error(file_obj.sync_error)
             if not file_obj.closed_by_client:
                 # The connection dropped mid-upload: keep the part for a resume (or discard it
                 # below). Nothing reaches watch/ without the client's CLOSE.
+                await file_obj.catch_up()
                 self.parts.park(file_obj, self.user)
                 return
             try:
-                await loop.run_in_executor(None, os.fsync, file_obj.fd)
+                # Hashing the last bytes and flushing the part to disk are independent; the
+                # client waits for its CLOSE answer, so they run at the same time.
+                await asyncio.gather(
+                    file_obj.catch_up(), loop.run_in_executor(None, os.fsync, file_obj.fd)
+                )
             except OSError as exc:
                 raise _sftp_error(exc) from None
+            if file_obj.sync_error is not None:
+                raise _sftp_error(file_obj.sync_error)
             file_obj.release()
             upload = Upload(
                 user=self.user,
