@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
 import importlib
 import multiprocessing
 import os
@@ -24,13 +25,24 @@ from typing import Any, TypeVar
 T = TypeVar("T")
 
 WORKER_NICE = 10
+_PR_SET_PDEATHSIG = 1
 
 
 class CodecWorkerError(Exception):
     """The worker died (crash, out of memory) or exceeded its time limit while on this job."""
 
 
-def _serve(conn: Connection, nice: int, preload: tuple[str, ...]) -> None:
+def _die_with(service: int) -> None:
+    """A worker ends when the service does, also after a SIGKILL of the service: an orphan
+    would go on converting and write into .work/ behind the next start's back (Linux)."""
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+    if os.getppid() != service:  # the service died before prctl took effect
+        os._exit(0)
+
+
+def _serve(conn: Connection, service: int, nice: int, preload: tuple[str, ...]) -> None:
+    _die_with(service)
     # Ctrl-C reaches the whole process group; the service decides how to stop its workers, so a
     # worker interrupted mid-file never turns a good photo into an "unreadable" one.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -44,9 +56,13 @@ def _serve(conn: Connection, nice: int, preload: tuple[str, ...]) -> None:
         except EOFError:
             return
         try:
-            conn.send(("ok", fn(*args)))
+            reply = ("ok", fn(*args))
         except Exception as exc:  # the job's own failure travels back as a value
-            conn.send(("error", f"{type(exc).__name__}: {exc}\n{traceback.format_exc(limit=5)}"))
+            reply = ("error", f"{type(exc).__name__}: {exc}\n{traceback.format_exc(limit=5)}")
+        try:
+            conn.send(reply)
+        except OSError:  # the service is gone (or replaced this worker): nobody to answer
+            return
 
 
 class _Slot:
@@ -55,7 +71,10 @@ class _Slot:
     ) -> None:
         self.conn, child = ctx.Pipe()
         self.process: BaseProcess = ctx.Process(  # type: ignore[attr-defined]
-            target=_serve, args=(child, nice, preload), daemon=True, name="sftpgate-codec"
+            target=_serve,
+            args=(child, os.getpid(), nice, preload),
+            daemon=True,
+            name="sftpgate-codec",
         )
         self.process.start()
         child.close()

@@ -206,3 +206,71 @@ async def test_sigkill_at_random_instants_loses_nothing_and_duplicates_nothing(
         assert count == 1 or (count == 0 and name in waiting), f"{name}: {count} assets in Immich"
     assert sum(len(v) for v in by_name.values()) == len(photos) - len(waiting & set(photos))
     assert not list((data / ".work").iterdir()), "optimized files left behind"
+
+
+def _codec_workers(service_pid: int) -> list[int]:
+    """The service's codec worker processes (multiprocessing spawn children, not its tracker)."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            cmdline = (entry / "cmdline").read_bytes()
+        except (OSError, IndexError, ValueError):
+            continue
+        if ppid == service_pid and b"spawn_main" in cmdline:
+            pids.append(int(entry.name))
+    return pids
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state != "Z"
+
+
+async def test_codec_workers_end_with_a_killed_service_even_mid_conversion(
+    tmp_path, standin, corpus, host_keys_dir, client_key
+):
+    """An orphaned worker would go on converting after a SIGKILL of the service and write into
+    .work/ behind the next start's back; the workers must die with the service."""
+    sftp_port, metrics_port = free_port(), free_port()
+    config = gate_config(
+        tmp_path, standin.url, host_keys_dir, client_key,
+        sftp={"listen": f"127.0.0.1:{sftp_port}"},
+        metrics={"listen": f"127.0.0.1:{metrics_port}"},
+        optimize={"workers": 1},
+    )  # fmt: skip
+    service = ServiceProcess(config, tmp_path / "service.log", metrics_port)
+    await service.start()
+    try:
+        assert service.proc is not None
+        workers = await eventually(lambda: _codec_workers(service.proc.pid), what="a codec worker")
+        async with (
+            asyncssh.connect(
+                "127.0.0.1", sftp_port, username="phone", password=PASSWORD, known_hosts=None
+            ) as conn,
+            conn.start_sftp_client() as sftp,
+        ):
+            await sftp.put(str(corpus / "video/apple-iphone5-1080p-gps.mov"), "clip.mov")
+
+        def converting() -> bool:
+            ledger = Ledger(tmp_path / "data" / "sftpgate.db")
+            try:
+                return bool(ledger.count_by_state().get("optimizing"))
+            finally:
+                ledger.close()
+
+        await eventually(converting, what="the video conversion to start")
+        await service.kill()
+        # The conversion alone takes far longer than this: only dying with the service passes.
+        await eventually(
+            lambda: not any(_alive(pid) for pid in workers),
+            timeout=3,
+            what="the codec worker to end with the service",
+        )
+    finally:
+        await service.kill_if_running()
