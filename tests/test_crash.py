@@ -16,6 +16,7 @@ import signal
 import socket
 import sys
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import asyncssh
@@ -101,6 +102,21 @@ class ServiceProcess:
         return await asyncio.wait_for(self.proc.wait(), 30)
 
 
+def service_process(
+    tmp_path: Path, standin: Any, host_keys_dir: Path, client_key: Path
+) -> tuple[ServiceProcess, int]:
+    """A not yet started `sftpgate serve` on free loopback ports with one codec worker, and its
+    SFTP port."""
+    sftp_port, metrics_port = free_port(), free_port()
+    config = gate_config(
+        tmp_path, standin.url, host_keys_dir, client_key,
+        sftp={"listen": f"127.0.0.1:{sftp_port}"},
+        metrics={"listen": f"127.0.0.1:{metrics_port}"},
+        optimize={"workers": 1},
+    )  # fmt: skip
+    return ServiceProcess(config, tmp_path / "service.log", metrics_port), sftp_port
+
+
 async def sync_app(
     port: int,
     photos: dict[str, bytes],
@@ -141,15 +157,8 @@ async def test_sigkill_at_random_instants_loses_nothing_and_duplicates_nothing(
     rng = random.Random(20261124)
     sources = [(corpus / s).read_bytes() for s in SOURCES]
     photos = {f"IMG_{n:04d}.jpg": distinct_jpeg(sources[n % len(sources)], n) for n in range(FILES)}
-    sftp_port, metrics_port = free_port(), free_port()
     standin.state.delay_seconds = 0.02  # widens the window between Immich's answer and our commit
-    config = gate_config(
-        tmp_path, standin.url, host_keys_dir, client_key,
-        sftp={"listen": f"127.0.0.1:{sftp_port}"},
-        metrics={"listen": f"127.0.0.1:{metrics_port}"},
-        optimize={"workers": 1},
-    )  # fmt: skip
-    service = ServiceProcess(config, tmp_path / "service.log", metrics_port)
+    service, sftp_port = service_process(tmp_path, standin, host_keys_dir, client_key)
     completed: set[str] = set()
     stop = asyncio.Event()
     await service.start()
@@ -237,14 +246,7 @@ async def test_codec_workers_end_with_a_killed_service_even_mid_conversion(
 ):
     """An orphaned worker would go on converting after a SIGKILL of the service and write into
     .work/ behind the next start's back; the workers must die with the service."""
-    sftp_port, metrics_port = free_port(), free_port()
-    config = gate_config(
-        tmp_path, standin.url, host_keys_dir, client_key,
-        sftp={"listen": f"127.0.0.1:{sftp_port}"},
-        metrics={"listen": f"127.0.0.1:{metrics_port}"},
-        optimize={"workers": 1},
-    )  # fmt: skip
-    service = ServiceProcess(config, tmp_path / "service.log", metrics_port)
+    service, sftp_port = service_process(tmp_path, standin, host_keys_dir, client_key)
     await service.start()
     try:
         assert service.proc is not None
