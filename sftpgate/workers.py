@@ -34,7 +34,9 @@ class CodecWorkerError(Exception):
 
 def _die_with(service: int) -> None:
     """A worker ends when the service does, also after a SIGKILL of the service: an orphan
-    would go on converting and write into .work/ behind the next start's back (Linux)."""
+    would go on converting and write into .work/ behind the next start's back (Linux). The
+    signal comes when the thread that started the worker ends, so slots are only ever started
+    on the event-loop thread (CodecPool.start and _replace)."""
     with contextlib.suppress(OSError, AttributeError):
         ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
     if os.getppid() != service:  # the service died before prctl took effect

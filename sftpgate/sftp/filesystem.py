@@ -388,7 +388,8 @@ class GateSFTPServer(asyncssh.SFTPServer):
                 # The connection dropped mid-upload: keep the part for a resume (or discard it
                 # below). Nothing reaches watch/ without the client's CLOSE.
                 await file_obj.catch_up()
-                self.parts.park(file_obj, self.user)
+                if file_obj.sync_error is None:  # bytes that failed to sync are never resumed
+                    self.parts.park(file_obj, self.user)
                 return
             try:
                 # Hashing the last bytes and flushing the part to disk are independent; the
