@@ -306,6 +306,81 @@ def test_the_chacha20_receive_path_matches_asyncssh_and_refuses_a_forged_packet(
         assert chacha_verify_and_decrypt(cipher, enc_header, enc_payload, nonce, bytes(16)) is None
 
 
+class RawSFTPSession(asyncssh.SSHClientSession[bytes]):
+    """The sftp subsystem as bytes; each `data_received` is one SSH CHANNEL_DATA packet."""
+
+    def __init__(self) -> None:
+        self.packets = 0
+        self.buffer = b""
+        self.arrived = asyncio.Event()
+
+    def data_received(self, data: bytes, datatype: Any) -> None:
+        self.packets += 1
+        self.buffer += data
+        self.arrived.set()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.arrived.set()
+
+    async def message(self) -> tuple[int, int, bytes]:
+        """(type, request id, rest) of the next SFTP message from the server."""
+        while len(self.buffer) < 4 or len(self.buffer) < 4 + int.from_bytes(self.buffer[:4]):
+            self.arrived.clear()
+            await self.arrived.wait()
+        size = int.from_bytes(self.buffer[:4])
+        body, self.buffer = self.buffer[4 : 4 + size], self.buffer[4 + size :]
+        return body[0], int.from_bytes(body[1:5]), body[5:]
+
+
+def sftp_message(kind: int, request_id: int, *fields: bytes) -> bytes:
+    body = bytes([kind]) + request_id.to_bytes(4) + b"".join(fields)
+    return len(body).to_bytes(4) + body
+
+
+def sftp_string(value: bytes) -> bytes:
+    return len(value).to_bytes(4) + value
+
+
+async def test_replies_to_a_batch_of_requests_travel_together_in_order_even_at_the_end(
+    gate, tmp_path
+):
+    """rclone keeps 64 small WRITEs in flight: their replies go out in a few channel packets, not
+    one each, in request order; a session that sends EOF right behind its requests still gets
+    every reply before the channel closes."""
+    init, version, open_, close, write, realpath = 1, 2, 3, 4, 6, 16
+    status, handle_reply, name = 101, 102, 104
+    pieces = [os.urandom(4096) for _ in range(32)]
+    async with connect(gate.sftp.port) as conn:
+        channel, raw = await conn.create_session(RawSFTPSession, subsystem="sftp", encoding=None)
+        channel.write(sftp_message(init, 3))
+        assert (await raw.message())[:2] == (version, 3)
+        flags = (0x02 | 0x08 | 0x10).to_bytes(4)  # WRITE | CREAT | TRUNC
+        channel.write(sftp_message(open_, 1, sftp_string(b"burst.bin"), flags, bytes(4)))
+        kind, _, rest = await raw.message()
+        assert kind == handle_reply
+        handle = rest[4 : 4 + int.from_bytes(rest[:4])]
+        requests = [
+            sftp_message(write, 2 + i, sftp_string(handle), (i * 4096).to_bytes(8), sftp_string(p))
+            for i, p in enumerate(pieces)
+        ]
+        requests.append(sftp_message(close, 34, sftp_string(handle)))
+        requests += [sftp_message(realpath, 35 + i, sftp_string(b".")) for i in range(8)]
+        before = raw.packets
+        channel.write(b"".join(requests))
+        channel.write_eof()
+        async with asyncio.timeout(30):
+            replies = [await raw.message() for _ in requests]
+            await channel.wait_closed()
+    assert [(kind, rid) for kind, rid, _ in replies] == [(status, rid) for rid in range(2, 35)] + [
+        (name, rid) for rid in range(35, 43)
+    ]
+    assert all(rest[:4] == bytes(4) for _, _, rest in replies[:33])  # SSH_FX_OK
+    assert raw.packets - before <= 8, f"{raw.packets - before} packets for {len(requests)} replies"
+    await gate.pipeline.wait_for(finished(1), timeout=60)
+    row = (await ledger_rows(gate))[("phone", "burst.bin")]
+    assert row.sha1 == sha1(b"".join(pieces))
+
+
 async def test_scp_in_sftp_mode_works_and_stays_in_the_jail(gate, client_key, tmp_path):
     """OpenSSH ≥ 9 `scp` speaks SFTP; it must succeed (exit status 0) and land inside the jail.
     Legacy `scp -O` is an exec request and is refused (test_sftp_security.py)."""

@@ -22,16 +22,23 @@
   with one ChaCha20 stream per packet (block 0 gives the Poly1305 key, the payload starts at
   block 1, as the construction defines) and an incremental Poly1305, instead of two streams and a
   copy of the whole packet: the stock receive path was a fifth of the event loop's time.
+- Replies are sent together: every reply the session produces while the event loop works through
+  one batch of received requests goes out in one channel write (one SSH packet, one encryption,
+  one socket send) once the loop comes round, instead of one each. Clients that keep many small
+  WRITEs in flight (rclone: 64 × 32 KiB) get eight to sixteen STATUS replies per send. Order is
+  kept; a session that ends sends what is pending first.
 """
 
 from __future__ import annotations
 
+import asyncio
 import inspect
 from typing import Any
 
 from asyncssh import connection as _connection
 from asyncssh import sftp as _sftp
 from asyncssh.crypto import chacha as _chacha
+from asyncssh.packet import Byte, UInt32
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.ciphers import Cipher
 from cryptography.hazmat.primitives.ciphers.algorithms import ChaCha20
@@ -43,6 +50,7 @@ _installed_write_size: list[int] = []
 _stock_data_received: list[Any] = []
 _stock_open: list[Any] = []
 _stock_process_packet: list[Any] = []
+_stock_cleanup: list[Any] = []
 
 
 def install(max_write_bytes: int) -> None:
@@ -52,12 +60,15 @@ def install(max_write_bytes: int) -> None:
         return
     _stock_open[:] = [handlers[_sftp.FXP_OPEN]]
     _stock_process_packet[:] = [_sftp.SFTPServerHandler._process_packet]
+    _stock_cleanup[:] = [_sftp.SFTPServerHandler._cleanup]
     handlers[_sftp.FXP_WRITE] = _process_write
     handlers[_sftp.FXP_CLOSE] = _process_close
     handlers[_sftp.FXP_OPEN] = _process_open
     handlers[_sftp.FXP_OPENDIR] = _process_opendir
     handlers[b"limits@openssh.com"] = _process_limits
     _sftp.SFTPServerHandler._process_packet = _process_packet  # type: ignore[method-assign]
+    _sftp.SFTPServerHandler.send_packet = _send_packet_batched  # type: ignore[method-assign]
+    _sftp.SFTPServerHandler._cleanup = _cleanup  # type: ignore[method-assign]
     _chacha.ChachaCipher.verify_and_decrypt = chacha_verify_and_decrypt  # type: ignore[method-assign]
     _stock_data_received[:] = [_connection.SSHConnection.data_received]
     _connection.SSHConnection.data_received = _data_received_in_pieces  # type: ignore[method-assign]
@@ -80,6 +91,38 @@ async def _process_packet(self: Any, pkttype: int, pktid: int, packet: Any) -> N
     if touch is not None:
         touch()
     await _stock_process_packet[0](self, pkttype, pktid, packet)
+
+
+def _send_packet_batched(self: Any, pkttype: int, pktid: int | None, *args: bytes) -> None:
+    writer = self._writer
+    if not writer:
+        raise _sftp.SFTPNoConnection("Connection not open")
+    if writer.channel.is_closing():
+        return
+    payload = Byte(pkttype) + b"".join(args)
+    self.log_sent_packet(pkttype, pktid, payload)
+    pending: list[bytes] | None = getattr(self, "_pending_replies", None)
+    if pending is None:
+        pending = self._pending_replies = []
+    if not pending:
+        asyncio.get_running_loop().call_soon(_send_pending_replies, self)
+    pending.append(UInt32(len(payload)) + payload)
+
+
+def _send_pending_replies(self: Any) -> None:
+    pending: list[bytes] | None = getattr(self, "_pending_replies", None)
+    if not pending:
+        return
+    data = b"".join(pending)
+    pending.clear()
+    writer = self._writer
+    if writer and not writer.channel.is_closing():
+        writer.write(data)
+
+
+async def _cleanup(self: Any, exc: Exception | None) -> None:
+    _send_pending_replies(self)
+    await _stock_cleanup[0](self, exc)
 
 
 def _check_handles(self: Any) -> None:
