@@ -514,8 +514,8 @@ def _section(bench: Bench, datasets: list[Dataset], res: Results) -> Section:
         "Server CPU: utime+stime from /proc of the server process incl. reaped children "
         "(sshd: its per-connection processes; sftpgate: its own threads, not its codec workers).",
         f"Busy: codec workers converted {sum(fed)} JPEGs during the busy runs, using "
-        f"{median(busy_workers):.2f} cores (median over runs) at nice 10; the OpenSSH busy runs "
-        "share the machine with the same workers.",
+        f"{median(busy_workers):.2f} cores (median over runs) in the background (SCHED_IDLE); "
+        "the OpenSSH busy runs share the machine with the same workers.",
         "Not run: paramiko × chacha20 (paramiko has no chacha20-poly1305); rclone × chacha20 "
         "(rclone 1.60 has no cipher option).",
         f"Load average after the section: {loadavg()}.",

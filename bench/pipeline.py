@@ -9,8 +9,8 @@ stand-in:
 - burst: first byte → every file has its asset id (done in the ledger);
 - ingest alone: the same upload into an sftpgate whose `sftp.temp_patterns` is ["*"], so every
   upload waits for a rename and nothing is processed;
-- optimize alone: sftpgate's own CodecPool (2 workers, nice 10) running `optimize_file` on every
-  file;
+- optimize alone: sftpgate's own CodecPool (2 workers in the background, SCHED_IDLE) running
+  `optimize_file` on every file;
 - upload alone: sftpgate's ImmichClient sending the optimized files, `retry.upload_concurrency`
   (2) at a time.
 

@@ -4,7 +4,9 @@ Conversion runs in separate processes so that a codec crash, a hang or a memory 
 file, never the server, and so the SFTP event loop never waits on a codec. Each worker is a slot
 with its own pipe: the pool always knows which job a dead or stuck process was running, which a
 `concurrent.futures.ProcessPoolExecutor` (one broken pool fails every job in flight) cannot tell.
-Workers run at a lower CPU priority than the server so ingest keeps its speed while they convert.
+Workers run in the background (SCHED_IDLE, and nice 10 for the I/O priority derived from it): they
+get a core whenever the server leaves one free, but never take a time slice from the SFTP event
+loop, so ingest keeps its speed while they convert.
 """
 
 from __future__ import annotations
@@ -43,13 +45,23 @@ def _die_with(service: int) -> None:
         os._exit(0)
 
 
-def _serve(conn: Connection, service: int, nice: int, preload: tuple[str, ...]) -> None:
+def _run_in_background() -> None:
+    """nice 10 alone still took time slices from the event loop whenever a codec was running:
+    ingest while converting was 0.58–0.97 of idle ingest, under SCHED_IDLE 0.84–1.14
+    (bench/README.md)."""
+    with contextlib.suppress(OSError):
+        os.nice(WORKER_NICE)
+    with contextlib.suppress(OSError, AttributeError):  # not on every platform
+        os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
+
+
+def _serve(conn: Connection, service: int, background: bool, preload: tuple[str, ...]) -> None:
     _die_with(service)
     # Ctrl-C reaches the whole process group; the service decides how to stop its workers, so a
     # worker interrupted mid-file never turns a good photo into an "unreadable" one.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    with contextlib.suppress(OSError):
-        os.nice(nice)
+    if background:
+        _run_in_background()
     for module in preload:  # import the codecs now, not on the first file's clock
         importlib.import_module(module)
     while True:
@@ -69,12 +81,12 @@ def _serve(conn: Connection, service: int, nice: int, preload: tuple[str, ...]) 
 
 class _Slot:
     def __init__(
-        self, ctx: multiprocessing.context.BaseContext, nice: int, preload: tuple[str, ...]
+        self, ctx: multiprocessing.context.BaseContext, background: bool, preload: tuple[str, ...]
     ) -> None:
         self.conn, child = ctx.Pipe()
         self.process: BaseProcess = ctx.Process(  # type: ignore[attr-defined]
             target=_serve,
-            args=(child, os.getpid(), nice, preload),
+            args=(child, os.getpid(), background, preload),
             daemon=True,
             name="sftpgate-codec",
         )
@@ -89,9 +101,9 @@ class _Slot:
 
 
 class CodecPool:
-    def __init__(self, size: int, nice: int = WORKER_NICE, preload: tuple[str, ...] = ()) -> None:
+    def __init__(self, size: int, background: bool = True, preload: tuple[str, ...] = ()) -> None:
         self.size = max(1, size)
-        self._nice = nice
+        self._background = background
         self._preload = preload
         # spawn: the service process has threads (sqlite, asyncio executors); forking it is unsafe.
         self._ctx = multiprocessing.get_context("spawn")
@@ -100,7 +112,7 @@ class CodecPool:
 
     async def start(self) -> None:
         for _ in range(self.size):
-            slot = _Slot(self._ctx, self._nice, self._preload)
+            slot = _Slot(self._ctx, self._background, self._preload)
             self._all.add(slot)
             self._free.put_nowait(slot)
 
@@ -142,7 +154,7 @@ class CodecPool:
     def _replace(self, slot: _Slot) -> None:
         slot.kill()
         self._all.discard(slot)
-        fresh = _Slot(self._ctx, self._nice, self._preload)
+        fresh = _Slot(self._ctx, self._background, self._preload)
         self._all.add(fresh)
         self._free.put_nowait(fresh)
 

@@ -101,7 +101,7 @@ class Run:
 
 
 async def _optimize_all(corpus: Path, names: list[str], work: Path) -> Run:
-    pool = CodecPool(2, nice=0, preload=("sftpgate.optimize",))
+    pool = CodecPool(2, background=False, preload=("sftpgate.optimize",))
     await pool.start()
     pids = set(pool.pids)
     results: dict[str, OptimizeResult | str] = {}
