@@ -205,21 +205,23 @@ class Pipeline:
 
     async def _optimize(self, row: Original) -> Original:
         src = self.layout.watch_file(row.user, row.path)
-        await self.db(
-            lambda db: db.update(row.id, state="optimizing", upload_sha1=None, work_path=None)
-        )
-        started = time.monotonic()
-        try:
-            result: OptimizeResult = await self.pool.run(
-                optimize_file,
-                src,
-                self.layout.work,
-                self.config.optimize,
-                self.config.timezone,
-                timeout=self.config.optimize.time_limit_seconds,
+        # Up to one file per worker waits here for its turn; it stays `queued` until it has one.
+        async with self.pool.reserve() as worker:
+            await self.db(
+                lambda db: db.update(row.id, state="optimizing", upload_sha1=None, work_path=None)
             )
-        except CodecWorkerError as exc:
-            result = _unreadable(row, str(exc))
+            started = time.monotonic()
+            try:
+                result: OptimizeResult = await worker.run(
+                    optimize_file,
+                    src,
+                    self.layout.work,
+                    self.config.optimize,
+                    self.config.timezone,
+                    timeout=self.config.optimize.time_limit_seconds,
+                )
+            except CodecWorkerError as exc:
+                result = _unreadable(row, str(exc))
         self.metrics.stage_duration.labels(stage="optimize").observe(time.monotonic() - started)
 
         if result.decision == "retry":  # the disk, not the file: keep the original, try later

@@ -19,7 +19,7 @@ import multiprocessing
 import os
 import signal
 import traceback
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from multiprocessing.connection import Connection
 from multiprocessing.process import BaseProcess
 from typing import Any, TypeVar
@@ -100,6 +100,44 @@ class _Slot:
         self.conn.close()
 
 
+class Worker:
+    """A worker process reserved by CodecPool.reserve; a crashed or stuck one is replaced."""
+
+    def __init__(self, pool: CodecPool, slot: _Slot) -> None:
+        self._pool = pool
+        self.slot = slot
+
+    async def run(self, fn: Callable[..., T], *args: Any, timeout: float) -> T:
+        """Run fn(*args) here. A job's own exception comes back as CodecWorkerError too."""
+        slot = self.slot
+        loop = asyncio.get_running_loop()
+        try:
+            slot.conn.send((fn, args))
+            ready: asyncio.Future[None] = loop.create_future()
+            fd = slot.conn.fileno()
+            loop.add_reader(fd, lambda: ready.done() or ready.set_result(None))
+            try:
+                async with asyncio.timeout(timeout):
+                    await ready
+            finally:
+                loop.remove_reader(fd)
+            status, value = slot.conn.recv()
+        except TimeoutError:
+            self.slot = self._pool._replace(slot)
+            raise CodecWorkerError(
+                f"the optimizer took longer than {timeout:.0f} s and was stopped"
+            ) from None
+        except (EOFError, OSError, asyncio.CancelledError) as exc:
+            self.slot = self._pool._replace(slot)
+            if isinstance(exc, asyncio.CancelledError):
+                raise
+            code = slot.process.exitcode
+            raise CodecWorkerError(f"the optimizer process died (exit code {code})") from None
+        if status == "error":
+            raise CodecWorkerError(value.splitlines()[0])
+        return value  # type: ignore[no-any-return]
+
+
 class CodecPool:
     def __init__(self, size: int, background: bool = True, preload: tuple[str, ...] = ()) -> None:
         self.size = max(1, size)
@@ -120,43 +158,27 @@ class CodecPool:
     def pids(self) -> list[int]:
         return [s.process.pid for s in self._all if s.process.pid is not None]
 
-    async def run(self, fn: Callable[..., T], *args: Any, timeout: float) -> T:
-        """Run fn(*args) in a worker. A job's own exception comes back as CodecWorkerError too."""
-        slot = await self._free.get()
-        loop = asyncio.get_running_loop()
+    @contextlib.asynccontextmanager
+    async def reserve(self) -> AsyncIterator[Worker]:
+        """Wait for a free worker and keep it for the block: the caller knows the moment its job
+        starts (the pipeline marks a file `optimizing` only then, not while it waits)."""
+        worker = Worker(self, await self._free.get())
         try:
-            slot.conn.send((fn, args))
-            ready: asyncio.Future[None] = loop.create_future()
-            fd = slot.conn.fileno()
-            loop.add_reader(fd, lambda: ready.done() or ready.set_result(None))
-            try:
-                async with asyncio.timeout(timeout):
-                    await ready
-            finally:
-                loop.remove_reader(fd)
-            status, value = slot.conn.recv()
-        except TimeoutError:
-            self._replace(slot)
-            raise CodecWorkerError(
-                f"the optimizer took longer than {timeout:.0f} s and was stopped"
-            ) from None
-        except (EOFError, OSError, asyncio.CancelledError) as exc:
-            self._replace(slot)
-            if isinstance(exc, asyncio.CancelledError):
-                raise
-            code = slot.process.exitcode
-            raise CodecWorkerError(f"the optimizer process died (exit code {code})") from None
-        self._free.put_nowait(slot)
-        if status == "error":
-            raise CodecWorkerError(value.splitlines()[0])
-        return value  # type: ignore[no-any-return]
+            yield worker
+        finally:
+            self._free.put_nowait(worker.slot)
 
-    def _replace(self, slot: _Slot) -> None:
+    async def run(self, fn: Callable[..., T], *args: Any, timeout: float) -> T:
+        """Run fn(*args) in the next free worker."""
+        async with self.reserve() as worker:
+            return await worker.run(fn, *args, timeout=timeout)
+
+    def _replace(self, slot: _Slot) -> _Slot:
         slot.kill()
         self._all.discard(slot)
         fresh = _Slot(self._ctx, self._background, self._preload)
         self._all.add(fresh)
-        self._free.put_nowait(fresh)
+        return fresh
 
     async def close(self) -> None:
         for slot in list(self._all):

@@ -182,6 +182,40 @@ async def test_files_that_landed_while_stopped_are_delivered_after_restart(
     assert not landed.exists()
 
 
+async def test_files_waiting_for_a_worker_stay_queued_until_one_takes_them(
+    tmp_path, standin, corpus, host_keys_dir, client_key
+):
+    """The dispatcher keeps a file waiting at each worker; the ledger (and `sftpgate status`)
+    says `optimizing` only for files a worker is converting."""
+    from sftpgate.config import load_config
+    from sftpgate.server import Service
+
+    from .conftest import gate_config
+
+    config = load_config(
+        gate_config(tmp_path, standin.url, host_keys_dir, client_key, optimize={"workers": 1})
+    )
+    first = Service(config)
+    await first.start()
+    await first.stop()
+    for name in JPEGS:
+        shutil.copyfile(corpus / name, first.layout.watch / "phone" / Path(name).name)
+    seen: list[dict[str, int]] = []
+
+    def record(counts: dict[str, int]) -> bool:
+        seen.append(counts)
+        return finished(len(JPEGS))(counts)
+
+    second = Service(config)
+    await second.start()
+    try:
+        await second.pipeline.wait_for(record, timeout=120)
+    finally:
+        await second.stop()
+    assert max(c.get("optimizing", 0) for c in seen) <= 1, seen
+    assert len(stored_assets(standin)) == len(JPEGS)
+
+
 async def test_corrupt_files_end_in_undone_with_a_sidecar_and_their_bytes(gate, standin, corpus):
     bad = ["bad/truncated-half.jpg", "bad/random-bytes.jpg", "bad/html-named.jpg"]
     async with connect(gate) as conn, conn.start_sftp_client() as sftp:
