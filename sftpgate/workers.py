@@ -100,6 +100,28 @@ class _Slot:
         self.conn.close()
 
 
+def _scheduled_ns(pid: int | None) -> tuple[int, int]:
+    """(ns on a CPU, ns runnable but waiting for one), summed over the process's threads."""
+    run = wait = 0
+    with contextlib.suppress(OSError):
+        for task in os.scandir(f"/proc/{pid}/task"):
+            with contextlib.suppress(OSError, ValueError), open(f"{task.path}/schedstat") as f:
+                on_cpu, waiting, _ = f.read().split()
+                run, wait = run + int(on_cpu), wait + int(waiting)
+    return run, wait
+
+
+def _starved(
+    job_start: tuple[int, int], period_start: tuple[int, int], now: tuple[int, int], limit: float
+) -> bool:
+    """The time limit is meant for a codec that is stuck or too slow, not for one that spent the
+    time waiting for a core (SCHED_IDLE: other work, Immich's own jobs say, kept both busy): a job
+    gets another period while it was runnable for at least half of the last one and has used less
+    than `limit` of CPU. A worker that slept (hung, stuck I/O) or used its CPU is stopped."""
+    waited, used = now[1] - period_start[1], now[0] - job_start[0]
+    return waited >= limit * 1e9 / 2 and used < limit * 1e9
+
+
 class Worker:
     """A worker process reserved by CodecPool.reserve; a crashed or stuck one is replaced."""
 
@@ -117,8 +139,12 @@ class Worker:
             fd = slot.conn.fileno()
             loop.add_reader(fd, lambda: ready.done() or ready.set_result(None))
             try:
-                async with asyncio.timeout(timeout):
-                    await ready
+                job_start = period_start = _scheduled_ns(slot.process.pid)
+                while not (await asyncio.wait({ready}, timeout=timeout))[0]:
+                    now = _scheduled_ns(slot.process.pid)
+                    if not _starved(job_start, period_start, now, timeout):
+                        raise TimeoutError
+                    period_start = now
             finally:
                 loop.remove_reader(fd)
             status, value = slot.conn.recv()

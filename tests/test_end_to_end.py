@@ -212,7 +212,9 @@ async def test_files_waiting_for_a_worker_stay_queued_until_one_takes_them(
         await second.pipeline.wait_for(record, timeout=120)
     finally:
         await second.stop()
-    assert max(c.get("optimizing", 0) for c in seen) <= 1, seen
+    # One converting, and at most one more whose worker just finished while its output is
+    # hashed; without the reservation all four were `optimizing` at once.
+    assert max(c.get("optimizing", 0) for c in seen) <= 2, seen
     assert len(stored_assets(standin)) == len(JPEGS)
 
 

@@ -6,6 +6,8 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import subprocess
+import sys
 import time
 
 import pytest
@@ -23,6 +25,14 @@ def hang() -> None:
 
 def fail() -> None:
     raise RuntimeError("JPEG bitstream reconstruction data could not be represented")
+
+
+def spin(cpu_seconds: float) -> float:
+    """Busy for `cpu_seconds` of CPU time; returns the wall time that took."""
+    wall, cpu = time.monotonic(), time.process_time()
+    while time.process_time() - cpu < cpu_seconds:
+        pass
+    return time.monotonic() - wall
 
 
 def priority_and_pid() -> tuple[tuple[int, int], int]:
@@ -51,3 +61,26 @@ async def test_crash_hang_and_error_fail_only_their_job():
     finally:
         await pool.close()
     assert not any(os.path.exists(f"/proc/{pid}") for pid in pids_before)
+
+
+async def test_a_worker_starved_of_cpu_is_not_stopped_by_the_time_limit():
+    """Workers run under SCHED_IDLE, so while other work keeps every core busy they get none.
+    The time limit is for stuck or slow codecs: a starved one finishes its file once the cores
+    are free (a hang, above, is still stopped)."""
+    pool = CodecPool(1)
+    await pool.start()
+    await pool.run(spin, 0.0, timeout=30)  # the worker is up and waiting for a job
+    # One more busy process than cores, each ending by itself after 5 s (limit periods end at
+    # 2, 4 and 6 s: the job needs 0.3 s of CPU once the cores are free, and is done by 6 s).
+    hog = "import time\nend = time.monotonic() + 5\nwhile time.monotonic() < end: pass"
+    hogs = [subprocess.Popen([sys.executable, "-c", hog]) for _ in range((os.cpu_count() or 1) + 1)]
+    started = time.monotonic()
+    try:
+        await pool.run(spin, 0.3, timeout=2)
+        took = time.monotonic() - started
+    finally:
+        for p in hogs:
+            p.kill()
+            p.wait()
+        await pool.close()
+    assert took > 2, "the job was not starved past its limit: this test proved nothing"

@@ -26,7 +26,8 @@
   one batch of received requests goes out in one channel write (one SSH packet, one encryption,
   one socket send) once the loop comes round, instead of one each. Clients that keep many small
   WRITEs in flight (rclone: 64 × 32 KiB) get eight to sixteen STATUS replies per send. Order is
-  kept; a session that ends sends what is pending first.
+  kept; a batch goes out early at REPLY_BATCH_BYTES (READ data is not held back); a session that
+  ends sends what is pending first.
 """
 
 from __future__ import annotations
@@ -45,6 +46,7 @@ from cryptography.hazmat.primitives.ciphers.algorithms import ChaCha20
 from cryptography.hazmat.primitives.poly1305 import Poly1305
 
 RECEIVE_PIECE = 64 << 10
+REPLY_BATCH_BYTES = 256 << 10
 
 _installed_write_size: list[int] = []
 _stock_data_received: list[Any] = []
@@ -102,22 +104,24 @@ def _send_packet_batched(self: Any, pkttype: int, pktid: int | None, *args: byte
     payload = Byte(pkttype) + b"".join(args)
     self.log_sent_packet(pkttype, pktid, payload)
     pending: list[bytes] | None = getattr(self, "_pending_replies", None)
-    if pending is None:
-        pending = self._pending_replies = []
     if not pending:
+        pending = self._pending_replies = []
+        self._pending_bytes = 0
         asyncio.get_running_loop().call_soon(_send_pending_replies, self)
     pending.append(UInt32(len(payload)) + payload)
+    self._pending_bytes += 4 + len(payload)
+    if self._pending_bytes >= REPLY_BATCH_BYTES:  # READ data: no need to hold it back
+        _send_pending_replies(self)
 
 
 def _send_pending_replies(self: Any) -> None:
     pending: list[bytes] | None = getattr(self, "_pending_replies", None)
     if not pending:
         return
-    data = b"".join(pending)
-    pending.clear()
+    self._pending_replies = None  # a new batch starts with the next reply
     writer = self._writer
     if writer and not writer.channel.is_closing():
-        writer.write(data)
+        writer.write(b"".join(pending))
 
 
 async def _cleanup(self: Any, exc: Exception | None) -> None:
