@@ -4,9 +4,10 @@ Conversion runs in separate processes so that a codec crash, a hang or a memory 
 file, never the server, and so the SFTP event loop never waits on a codec. Each worker is a slot
 with its own pipe: the pool always knows which job a dead or stuck process was running, which a
 `concurrent.futures.ProcessPoolExecutor` (one broken pool fails every job in flight) cannot tell.
-Workers run in the background (SCHED_IDLE, and nice 10 for the I/O priority derived from it): they
-get a core whenever the server leaves one free, but never take a time slice from the SFTP event
-loop, so ingest keeps its speed while they convert.
+Workers run in the background (SCHED_IDLE): they get a core whenever the server leaves one free,
+but never take a time slice from the SFTP event loop, so ingest keeps its speed while they
+convert. Their disk I/O stays best-effort (lowest level), not the idle class the kernel would
+derive from SCHED_IDLE, which CFQ and BFQ starve for as long as anything else reads or writes.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import ctypes
 import importlib
 import multiprocessing
 import os
+import platform
 import signal
 import traceback
 from collections.abc import AsyncIterator, Callable
@@ -27,6 +29,9 @@ from typing import Any, TypeVar
 T = TypeVar("T")
 
 WORKER_NICE = 10
+WORKER_IO_LEVEL = 7  # best-effort, lowest of its eight levels
+_IOPRIO_SET = {"x86_64": 251, "aarch64": 30, "armv7l": 314, "i686": 289}  # syscall numbers
+_IOPRIO_WHO_PROCESS, _IOPRIO_CLASS_BE = 1, 2
 _PR_SET_PDEATHSIG = 1
 
 
@@ -53,6 +58,12 @@ def _run_in_background() -> None:
         os.nice(WORKER_NICE)
     with contextlib.suppress(OSError, AttributeError):  # not on every platform
         os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
+    number = _IOPRIO_SET.get(platform.machine())
+    if number is not None:
+        with contextlib.suppress(OSError, AttributeError):
+            ctypes.CDLL(None, use_errno=True).syscall(
+                number, _IOPRIO_WHO_PROCESS, 0, _IOPRIO_CLASS_BE << 13 | WORKER_IO_LEVEL
+            )
 
 
 def _serve(conn: Connection, service: int, background: bool, preload: tuple[str, ...]) -> None:

@@ -54,6 +54,10 @@ async def test_crash_hang_and_error_fail_only_their_job():
         results = await asyncio.gather(*(pool.run(priority_and_pid, timeout=30) for _ in range(6)))
         # In the background: a codec never takes a time slice from the SFTP event loop.
         assert {priority for priority, _ in results} == {(WORKER_NICE, os.SCHED_IDLE)}
+        # Their disk I/O is best-effort, not the idle class CFQ and BFQ would starve.
+        for pid in pool.pids:
+            io = subprocess.run(["ionice", "-p", str(pid)], capture_output=True, text=True)
+            assert io.stdout.strip() == "best-effort: prio 7", io.stdout + io.stderr
         assert len(pool.pids) == 2
         assert len(set(pool.pids) - pids_before) == 2, (
             "the crashed and the stuck worker were replaced"
