@@ -76,8 +76,13 @@ async def test_a_worker_starved_of_cpu_is_not_stopped_by_the_time_limit():
     await pool.run(spin, 0.0, timeout=30)  # the worker is up and waiting for a job
     # One more busy process than cores, each ending by itself after 5 s (limit periods end at
     # 2, 4 and 6 s: the job needs 0.3 s of CPU once the cores are free, and is done by 6 s).
-    hog = "import time\nend = time.monotonic() + 5\nwhile time.monotonic() < end: pass"
-    hogs = [subprocess.Popen([sys.executable, "-c", hog]) for _ in range((os.cpu_count() or 1) + 1)]
+    hog = "import time\nend = time.monotonic() + 5\nprint(flush=True)\nwhile time.monotonic() < end: pass"
+    hogs = [
+        subprocess.Popen([sys.executable, "-c", hog], stdout=subprocess.PIPE)
+        for _ in range((os.cpu_count() or 1) + 1)
+    ]
+    for p in hogs:  # each one is spinning before the job is sent
+        assert p.stdout is not None and p.stdout.readline() == b"\n"
     started = time.monotonic()
     try:
         await pool.run(spin, 0.3, timeout=2)
