@@ -7,12 +7,11 @@ import asyncio
 import os
 import signal
 import subprocess
-import sys
 import time
 
 import pytest
 
-from sftpgate.workers import WORKER_NICE, CodecPool, CodecWorkerError
+from sftpgate.workers import WORKER_NICE, CodecPool, CodecWorkerError, _starved
 
 
 def crash() -> None:
@@ -25,14 +24,6 @@ def hang() -> None:
 
 def fail() -> None:
     raise RuntimeError("JPEG bitstream reconstruction data could not be represented")
-
-
-def spin(cpu_seconds: float) -> float:
-    """Busy for `cpu_seconds` of CPU time; returns the wall time that took."""
-    wall, cpu = time.monotonic(), time.process_time()
-    while time.process_time() - cpu < cpu_seconds:
-        pass
-    return time.monotonic() - wall
 
 
 def priority_and_pid() -> tuple[tuple[int, int], int]:
@@ -67,29 +58,20 @@ async def test_crash_hang_and_error_fail_only_their_job():
     assert not any(os.path.exists(f"/proc/{pid}") for pid in pids_before)
 
 
-async def test_a_worker_starved_of_cpu_is_not_stopped_by_the_time_limit():
-    """Workers run under SCHED_IDLE, so while other work keeps every core busy they get none.
-    The time limit is for stuck or slow codecs: a starved one finishes its file once the cores
-    are free (a hang, above, is still stopped)."""
-    pool = CodecPool(1)
-    await pool.start()
-    await pool.run(spin, 0.0, timeout=30)  # the worker is up and waiting for a job
-    # One more busy process than cores, each ending by itself after 5 s (limit periods end at
-    # 2, 4 and 6 s: the job needs 0.3 s of CPU once the cores are free, and is done by 6 s).
-    hog = "import time\nend = time.monotonic() + 5\nprint(flush=True)\nwhile time.monotonic() < end: pass"
-    hogs = [
-        subprocess.Popen([sys.executable, "-c", hog], stdout=subprocess.PIPE)
-        for _ in range((os.cpu_count() or 1) + 1)
-    ]
-    for p in hogs:  # each one is spinning before the job is sent
-        assert p.stdout is not None and p.stdout.readline() == b"\n"
-    started = time.monotonic()
-    try:
-        await pool.run(spin, 0.3, timeout=2)
-        took = time.monotonic() - started
-    finally:
-        for p in hogs:
-            p.kill()
-            p.wait()
-        await pool.close()
-    assert took > 2, "the job was not starved past its limit: this test proved nothing"
+@pytest.mark.parametrize(
+    ("ran", "waited", "starved"),
+    [
+        (0.0, 2.0, True),  # runnable the whole 2 s period, never given a core
+        (0.5, 1.2, True),  # waited more than half the period, used less than the limit
+        (0.0, 0.0, False),  # asleep: hung, or stuck on I/O
+        (2.0, 0.0, False),  # busy the whole period: too slow
+        (1.6, 1.2, False),  # waited, but has used more than its 2 s of CPU since the job began
+    ],
+)
+def test_the_time_limit_spares_only_a_worker_that_waited_for_a_core(ran, waited, starved):
+    """Workers run under SCHED_IDLE: while other work keeps every core busy they get none, and
+    the time limit is for stuck or slow codecs, not starved ones (a hang, above, is stopped)."""
+    second = 10**9
+    job_start, period_start = (0, 0), (second // 2, 0)  # (ns on a CPU, ns waiting for one)
+    now = (period_start[0] + int(ran * second), int(waited * second))
+    assert _starved(job_start, period_start, now, limit=2.0) is starved
