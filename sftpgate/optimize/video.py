@@ -24,6 +24,7 @@ the duration within 0.5 s, and every container metadata key of the source with t
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 from collections.abc import Iterator
@@ -280,6 +281,16 @@ def _video_encoder(
     return vout
 
 
+def _leave_realtime(policy: int) -> None:
+    """SVT-AV1 starts its threads, and moves the one that opens it, at SCHED_FIFO priority 99
+    whenever it may (as root): a codec at real-time priority would stall the SFTP server and the
+    whole machine. Every thread of the process goes back to the opener's `policy`."""
+    for task in os.listdir("/proc/self/task"):
+        with contextlib.suppress(OSError):
+            if os.sched_getscheduler(int(task)) in (os.SCHED_FIFO, os.SCHED_RR):
+                os.sched_setscheduler(int(task), policy, os.sched_param(0))
+
+
 def _transcode_streams(
     inp: av.container.InputContainer,
     out: av.container.OutputContainer,
@@ -303,6 +314,9 @@ def _transcode_streams(
         vout.set_display_rotation(info.rotation)  # before the first mux, or it is lost
     out.metadata.update(_recording_keys(info, inp))
     _copy_stream_keys(vin, vout)
+    policy = os.sched_getscheduler(0)
+    ctx.open()
+    _leave_realtime(policy)
 
     audio_notes: list[str] = []
     routes: dict[int, tuple[str, av.stream.Stream]] = {vin.index: ("video", vout)}
