@@ -24,7 +24,7 @@ import traceback
 from collections.abc import AsyncIterator, Callable
 from multiprocessing.connection import Connection
 from multiprocessing.process import BaseProcess
-from typing import Any, TypeVar
+from typing import Any, NamedTuple, TypeVar
 
 T = TypeVar("T")
 
@@ -111,26 +111,42 @@ class _Slot:
         self.conn.close()
 
 
-def _scheduled_ns(pid: int | None) -> tuple[int, int]:
-    """(ns on a CPU, ns runnable but waiting for one), summed over the process's threads."""
+class _Schedule(NamedTuple):
+    """A worker process's scheduling so far, summed over its threads."""
+
+    on_cpu: int  # ns
+    waited: int  # ns runnable but waiting for a core, as the kernel has counted it so far
+    runnable: bool  # a thread is running or waiting for a core right now
+
+
+def _schedule_of(pid: int | None) -> _Schedule:
     run = wait = 0
+    runnable = False
     with contextlib.suppress(OSError):
         for task in os.scandir(f"/proc/{pid}/task"):
-            with contextlib.suppress(OSError, ValueError), open(f"{task.path}/schedstat") as f:
-                on_cpu, waiting, _ = f.read().split()
+            with contextlib.suppress(OSError, ValueError, IndexError):
+                with open(f"{task.path}/schedstat") as f:
+                    on_cpu, waiting, _ = f.read().split()
+                with open(f"{task.path}/stat") as f:
+                    state = f.read().rsplit(")", 1)[1].split()[0]
                 run, wait = run + int(on_cpu), wait + int(waiting)
-    return run, wait
+                runnable = runnable or state == "R"
+    return _Schedule(run, wait, runnable)
 
 
-def _starved(
-    job_start: tuple[int, int], period_start: tuple[int, int], now: tuple[int, int], limit: float
-) -> bool:
+def _starved(job_start: _Schedule, period_start: _Schedule, now: _Schedule, limit: float) -> bool:
     """The time limit is meant for a codec that is stuck or too slow, not for one that spent the
     time waiting for a core (SCHED_IDLE: other work, Immich's own jobs say, kept both busy): a job
-    gets another period while it was runnable for at least half of the last one and has used less
-    than `limit` of CPU. A worker that slept (hung, stuck I/O) or used its CPU is stopped."""
-    waited, used = now[1] - period_start[1], now[0] - job_start[0]
-    return waited >= limit * 1e9 / 2 and used < limit * 1e9
+    gets another period while it has used less than `limit` of CPU and was kept from a core for
+    the last one: it waited at least half of it, or it is runnable now and ran less than half.
+    (The kernel adds a thread's waiting time only when the thread gets a core, so one that got
+    none in the whole period shows no waiting at all.) A worker that slept (hung, stuck I/O) or
+    used its CPU is stopped."""
+    half = limit * 1e9 / 2
+    if now.on_cpu - job_start.on_cpu >= limit * 1e9:
+        return False
+    ran, waited = now.on_cpu - period_start.on_cpu, now.waited - period_start.waited
+    return waited >= half or (now.runnable and ran < half)
 
 
 class Worker:
@@ -150,9 +166,9 @@ class Worker:
             fd = slot.conn.fileno()
             loop.add_reader(fd, lambda: ready.done() or ready.set_result(None))
             try:
-                job_start = period_start = _scheduled_ns(slot.process.pid)
+                job_start = period_start = _schedule_of(slot.process.pid)
                 while not (await asyncio.wait({ready}, timeout=timeout))[0]:
-                    now = _scheduled_ns(slot.process.pid)
+                    now = _schedule_of(slot.process.pid)
                     if not _starved(job_start, period_start, now, timeout):
                         raise TimeoutError
                     period_start = now
