@@ -346,6 +346,34 @@ async def test_sha1_is_computed_while_bytes_arrive(tmp_path):
     assert resumed.fd == -1
 
 
+async def test_the_part_is_flushed_while_bytes_arrive_and_closed_after_its_jobs(tmp_path):
+    """Flushing does not wait for CLOSE (nor for the hash): SYNC_EVERY bytes start a sync job;
+    and a part released while its jobs still run keeps its descriptor until they end (closed
+    early, the sync would fail with EBADF, or flush whatever file got the number next)."""
+    import os
+
+    from sftpgate.sftp.filesystem import UploadFile
+
+    part = tmp_path / "part"
+    fd = os.open(part, os.O_RDWR | os.O_CREAT)
+    up = UploadFile("x.jpg", part, fd, None)
+    data = os.urandom(UploadFile.SYNC_EVERY)
+    up.write(0, data)
+    up.release()
+    os.fstat(fd)  # still open: the sync job's end reaches the loop only when the test awaits
+    await up.flushed()
+    assert up.sync_error is None
+    assert up.fd == -1 and part.read_bytes() == data
+
+    up = UploadFile("x.jpg", part, os.open(part, os.O_RDWR | os.O_TRUNC), None)
+    step = 261_120
+    for off in range(0, 3 * UploadFile.SYNC_EVERY, step):
+        up.write(off, data[:step])
+        await up.flushed()  # a client slower than the disk: each flush ends before the next write
+    assert up.size - up.synced < UploadFile.SYNC_EVERY, "the part waits for CLOSE to be flushed"
+    up.release()
+
+
 async def test_album_per_first_folder_and_a_per_user_immich_account(
     tmp_path, standin, corpus, host_keys_dir, client_key
 ):

@@ -282,7 +282,7 @@ async def test_each_cipher_delivers_the_bytes_and_their_sha1(gate, client_key, t
     the server recorded while the bytes arrived must be the file's."""
     from sftpgate.sftp.filesystem import UploadFile
 
-    size = 2 * UploadFile.SYNC_EVERY + 12_345
+    size = 3 * max(UploadFile.HASH_CHUNK, UploadFile.SYNC_EVERY) + 12_345
     data = make_files(tmp_path, {"clip.mov": size})["clip.mov"]
     await sftp_batch(gate.sftp.port, client_key, "put clip.mov\n", tmp_path, extra=("-c", cipher))
     await gate.pipeline.wait_for(finished(1), timeout=60)
