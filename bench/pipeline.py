@@ -15,7 +15,11 @@ stand-in:
   (2) at a time.
 
 Overlap efficiency = slowest stage alone / burst (1.0: the burst takes no longer than its slowest
-stage). Latency: CLOSE of a single 3.5 MB 12 MP JPEG → its asset id in the stand-in (polled every
+stage). Every stage is CPU work, so the burst can be no shorter than the machine's CPU seconds of
+the stages alone (/proc/stat, all processes) spread over all cores: that bound, and the best overlap
+it allows, are printed beside it.
+
+Latency: CLOSE of a single 3.5 MB 12 MP JPEG → its asset id in the stand-in (polled every
 20 ms), with the optimize and upload stage times from sftpgate's /metrics.
 """
 
@@ -23,11 +27,13 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import os
 import shutil
 import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -46,6 +52,7 @@ from common import (
     distinct_mp4,
     fmt,
     loadavg,
+    machine_busy_seconds,
     median,
     poll,
     spread,
@@ -137,6 +144,12 @@ def wait_clients(bench: Bench, procs: list[subprocess.Popen[bytes]], timeout: fl
     return time.perf_counter()
 
 
+def start_meter() -> Callable[[], tuple[float, float]]:
+    """Wall seconds and the machine's CPU seconds since this call."""
+    wall, cpu = time.perf_counter(), machine_busy_seconds()
+    return lambda: (time.perf_counter() - wall, machine_busy_seconds() - cpu)
+
+
 def final_count(gate: Gate) -> tuple[int, int]:
     done, undone = gate.ledger(
         "SELECT COALESCE(SUM(state = 'done'), 0), COALESCE(SUM(state = 'undone'), 0)"
@@ -150,7 +163,7 @@ def burst_run(bench: Bench, burst: Burst, timeout: float) -> dict[str, float]:
     gate = Gate(bench, standin.url, name="gate-burst")
     try:
         n = len(burst.files)
-        started = time.perf_counter()
+        started, meter = time.perf_counter(), start_meter()
         procs = start_clients(bench, gate, burst)
         ingest_end = wait_clients(bench, procs, timeout)
 
@@ -159,11 +172,12 @@ def burst_run(bench: Bench, burst: Burst, timeout: float) -> dict[str, float]:
             return done + undone >= n
 
         poll(finished, timeout, "the burst to reach Immich", interval=0.05)
-        total = time.perf_counter() - started
+        total, cpu = meter()
         done, undone = final_count(gate)
         assets = standin.counters()["created"]
         return {
             "total": total,
+            "total_cpu": cpu,
             "ingest_in_burst": ingest_end - started,
             "done": done,
             "undone": undone,
@@ -175,16 +189,17 @@ def burst_run(bench: Bench, burst: Burst, timeout: float) -> dict[str, float]:
         shutil.rmtree(gate.dir, ignore_errors=True)
 
 
-def ingest_alone(bench: Bench, burst: Burst, timeout: float) -> float:
+def ingest_alone(bench: Bench, burst: Burst, timeout: float) -> tuple[float, float]:
     standin = Standin(bench)
     gate = Gate(bench, standin.url, name="gate-ingest", sftp={"temp_patterns": ["*"]})
     try:
-        started = time.perf_counter()
-        end = wait_clients(bench, start_clients(bench, gate, burst), timeout)
+        meter = start_meter()
+        wait_clients(bench, start_clients(bench, gate, burst), timeout)
+        spent = meter()
         rows = gate.ledger("SELECT COUNT(*), COALESCE(SUM(size), 0) FROM originals")[0]
         if tuple(rows) != (len(burst.files), burst.bytes):
             raise BenchError(f"ingest alone: ledger has {rows}, sent {len(burst.files)} files")
-        return end - started
+        return spent
     finally:
         gate.stop()
         standin.stop()
@@ -198,7 +213,9 @@ class Optimized:
     sha1: str
 
 
-async def _optimize_alone(files: list[Path], work: Path) -> tuple[float, list[Optimized]]:
+async def _optimize_alone(
+    files: list[Path], work: Path
+) -> tuple[tuple[float, float], list[Optimized]]:
     from sftpgate.config import OptimizeConfig
     from sftpgate.optimize import optimize_file
     from sftpgate.workers import CodecPool
@@ -213,11 +230,11 @@ async def _optimize_alone(files: list[Path], work: Path) -> tuple[float, list[Op
         ):
             if r.output:
                 Path(r.output).unlink(missing_ok=True)
-        started = time.perf_counter()
+        meter = start_meter()
         results = await asyncio.gather(
             *(pool.run(optimize_file, f, work, cfg, "UTC", timeout=3600) for f in files)
         )
-        seconds = time.perf_counter() - started
+        spent = meter()
     finally:
         await pool.close()
     out = []
@@ -225,10 +242,10 @@ async def _optimize_alone(files: list[Path], work: Path) -> tuple[float, list[Op
         send = Path(r.output) if r.output else f
         name = f.with_suffix(r.extension).name if r.output and r.extension else f.name
         out.append(Optimized(send, name, hashlib.sha1(send.read_bytes()).hexdigest()))
-    return seconds, out
+    return spent, out
 
 
-async def _upload_alone(url: str, items: list[Optimized]) -> float:
+async def _upload_alone(url: str, items: list[Optimized]) -> tuple[float, float]:
     from common import API_KEY
 
     from sftpgate.immich.client import ImmichClient
@@ -249,9 +266,9 @@ async def _upload_alone(url: str, items: list[Optimized]) -> float:
                     checksum=item.sha1,
                 )
 
-        started = time.perf_counter()
+        meter = start_meter()
         await asyncio.gather(*(one(i) for i in items))
-        return time.perf_counter() - started
+        return meter()
 
 
 async def _latency(bench: Bench, gate: Gate, standin: Standin, n: int) -> list[dict[str, float]]:
@@ -306,19 +323,23 @@ def run(bench: Bench) -> Section:
     def add(key: str, value: float) -> None:
         samples.setdefault(key, []).append(value)
 
+    def add_stage(stage: str, spent: tuple[float, float]) -> None:
+        add(stage, spent[0])
+        add(f"{stage}_cpu", spent[1])
+
     try:
         for rep in range(bench.reps):
             b = burst_run(bench, burst, timeout)
             for k, v in b.items():
                 add(k, v)
             bench.log(f"pipeline rep {rep + 1}: burst {b}")
-            add("ingest", ingest_alone(bench, burst, timeout))
+            add_stage("ingest", ingest_alone(bench, burst, timeout))
             work = Path(tempfile.mkdtemp(prefix="optimized-", dir=bench.tmp))
-            seconds, optimized = asyncio.run(_optimize_alone(burst.files, work))
-            add("optimize", seconds)
+            spent, optimized = asyncio.run(_optimize_alone(burst.files, work))
+            add_stage("optimize", spent)
             standin = Standin(bench)
             try:
-                add("upload", asyncio.run(_upload_alone(standin.url, optimized)))
+                add_stage("upload", asyncio.run(_upload_alone(standin.url, optimized)))
             finally:
                 standin.stop()
             if rep == 0:
@@ -355,6 +376,14 @@ def _section(
         max(i, o, u) for i, o, u in zip(s["ingest"], s["optimize"], s["upload"], strict=True)
     ]
     overlap = [m / t for m, t in zip(stage_max, s["total"], strict=True)]
+    cores = os.cpu_count() or 1
+    stage_cpu = [
+        i + o + u
+        for i, o, u in zip(s["ingest_cpu"], s["optimize_cpu"], s["upload_cpu"], strict=True)
+    ]
+    cpu_bound = [c / cores for c in stage_cpu]
+    best_overlap = [m / max(m, b) for m, b in zip(stage_max, cpu_bound, strict=True)]
+    vs_bound = [t / b for t, b in zip(s["total"], cpu_bound, strict=True)]
     vs_sum = [t / m for t, m in zip(s["total"], stage_sum, strict=True)]
     mbps = [burst.bytes / MB / t for t in s["total"]]
 
@@ -378,6 +407,24 @@ def _section(
         row("slowest stage alone, s", stage_max),
         row("overlap efficiency = slowest stage / burst", overlap, 2, "target ≥ 0.9"),
         row("burst / sum of the stages", vs_sum, 2, "1.0 = no overlap at all"),
+        row(
+            "machine CPU of the stages alone, core-s",
+            stage_cpu,
+            note=f"ingest {median(s['ingest_cpu']):.0f} / optimize {median(s['optimize_cpu']):.0f}"
+            f" / upload {median(s['upload_cpu']):.0f} (/proc/stat, every process)",
+        ),
+        row("machine CPU of the burst, core-s", s["total_cpu"]),
+        row(
+            f"CPU bound on the burst = stages' CPU / {cores} cores, s",
+            cpu_bound,
+            note="no schedule finishes sooner",
+        ),
+        row(
+            "best overlap the cores allow = slowest stage / max(slowest stage, CPU bound)",
+            best_overlap,
+            2,
+        ),
+        row("burst / CPU bound", vs_bound, 2, "1.0 = the cores never idle"),
         row(
             f"latency CLOSE → asset id, s ({(CORPUS / LATENCY_JPEG).stat().st_size / MB:.1f} MB "
             "12 MP JPEG)",
