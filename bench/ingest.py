@@ -12,6 +12,10 @@ internal-sftp processes; for sftpgate its codec workers are *not* included). Run
 rep → mode → data set → client/cipher → server (the server order alternates per rep), every
 upload is checked (count and bytes) and deleted afterwards.
 
+`sftp -f` is OpenSSH's client asking for fsync@openssh.com after each file: sshd then flushes
+every upload to disk as sftpgate always does (sftpgate answers a CLOSE only once the file is
+durable), so that row compares the two at the same durability.
+
 Modes: "idle" (random bytes are "unknown" files: they go to undone/ at once) and "busy": a feeder
 keeps ~8 distinct corpus JPEGs waiting in watch/feeder/ (a second user) so both codec workers
 convert all the time, for the sftpgate *and* the OpenSSH runs.
@@ -65,6 +69,7 @@ CIPHERS = {"chacha20": "chacha20-poly1305@openssh.com", "aes128-gcm": "aes128-gc
 COMBOS = [
     ("sftp", "chacha20"),
     ("sftp", "aes128-gcm"),
+    ("sftp -f", "aes128-gcm"),
     ("paramiko", "aes128-gcm"),
     ("rclone", "aes128-gcm"),
 ]
@@ -216,7 +221,7 @@ def run_client(
     """Upload `ds` into `dest`; return the seconds the upload took (see module doc)."""
     key = str(bench.client_key)
     timeout = 120 + ds.bytes / (10 * MB)
-    if client == "sftp":
+    if client in ("sftp", "sftp -f"):
         batch = bench.tmp / "batch.txt"
         if ds.is_dir:
             batch.write_text(f"put {ds.src}/* {dest}/\n")
@@ -227,7 +232,7 @@ def run_client(
             "-i", key, "-o", "IdentitiesOnly=yes", "-o", "BatchMode=yes",
             "-o", "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null",
             "-o", "LogLevel=ERROR", "-o", f"Ciphers={CIPHERS[cipher]}",
-            f"{target.user}@127.0.0.1",
+            *(["-f"] if client == "sftp -f" else []), f"{target.user}@127.0.0.1",
         ]  # fmt: skip
         return _timed(argv, timeout)
     if client == "rclone":

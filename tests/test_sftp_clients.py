@@ -290,6 +290,26 @@ async def test_each_cipher_delivers_the_bytes_and_their_sha1(gate, client_key, t
     assert (row.sha1, row.size) == (sha1(data), size)
 
 
+async def test_openssh_put_f_flushes_each_file_and_delivers_it(gate, client_key, tmp_path):
+    """`sftp -f` sends fsync@openssh.com before each CLOSE; it is answered while the part's own
+    background sync may still run, and the file is delivered once, whole."""
+    from sftpgate.sftp.filesystem import UploadFile
+
+    data = make_files(tmp_path, {"a.mov": 3 * UploadFile.SYNC_EVERY + 7, "b.jpg": 1000})
+    result = await sftp_batch(
+        gate.sftp.port, client_key, "put a.mov\nput b.jpg\n", tmp_path, extra=("-f", "-vvv")
+    )
+    sent = result.stderr.count("Sending SSH2_FXP_EXTENDED(fsync@openssh.com)")
+    assert sent == 2, "the server offers the extension and the client uses it for each file"
+    await gate.pipeline.wait_for(finished(2), timeout=60)
+    rows = await ledger_rows(gate)
+    for name, content in data.items():
+        assert (rows[("phone", name)].sha1, rows[("phone", name)].size) == (
+            sha1(content),
+            len(content),
+        )
+
+
 def test_the_chacha20_receive_path_matches_asyncssh_and_refuses_a_forged_packet():
     from asyncssh.crypto.chacha import ChachaCipher
 

@@ -455,11 +455,21 @@ class GateSFTPServer(asyncssh.SFTPServer):
         if attrs.mtime is not None:
             file_obj.mtime = float(attrs.mtime)
 
-    def fsync(self, file_obj: object) -> None:
-        if isinstance(file_obj, UploadFile):
-            os.fsync(file_obj.fd)
+    async def fsync(self, file_obj: object) -> None:
+        # fsync@openssh.com (`sftp -f`): off the loop, like the fsync at CLOSE, and after a
+        # background sync under way, whose error only it would hear.
+        loop = asyncio.get_running_loop()
+        if not isinstance(file_obj, UploadFile):
+            await loop.run_in_executor(None, super().fsync, file_obj)
             return
-        super().fsync(file_obj)
+        try:
+            await asyncio.gather(
+                file_obj.flushed(), loop.run_in_executor(None, os.fsync, file_obj.fd)
+            )
+        except OSError as exc:
+            raise _sftp_error(exc) from None
+        if file_obj.sync_error is not None:
+            raise _sftp_error(file_obj.sync_error)
 
     # -- what the client sees -----------------------------------------------------------------
 
