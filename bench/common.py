@@ -360,6 +360,9 @@ class Standin:
     def counters(self) -> dict[str, int]:
         return dict(http_json(f"{self.url}/_standin/state")["counters"])
 
+    def cpu(self) -> float:
+        return cpu_seconds(self.proc.pid)
+
     def assets(self) -> list[dict[str, Any]]:
         return list(http_json(f"{self.url}/_standin/assets", timeout=30))
 

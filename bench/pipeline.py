@@ -48,6 +48,7 @@ from common import (
     Gate,
     Section,
     Standin,
+    cpu_seconds,
     distinct_jpeg,
     distinct_mp4,
     fmt,
@@ -144,6 +145,11 @@ def wait_clients(bench: Bench, procs: list[subprocess.Popen[bytes]], timeout: fl
     return time.perf_counter()
 
 
+def own_cpu_seconds() -> float:
+    """This benchmark process's CPU (all threads), without its children."""
+    return cpu_seconds(os.getpid(), children=False)
+
+
 def start_meter() -> Callable[[], tuple[float, float]]:
     """Wall seconds and the machine's CPU seconds since this call."""
     wall, cpu = time.perf_counter(), machine_busy_seconds()
@@ -163,6 +169,7 @@ def burst_run(bench: Bench, burst: Burst, timeout: float) -> dict[str, float]:
     gate = Gate(bench, standin.url, name="gate-burst")
     try:
         n = len(burst.files)
+        service, workers, immich = gate.cpu(), gate.workers_cpu(), standin.cpu()
         started, meter = time.perf_counter(), start_meter()
         procs = start_clients(bench, gate, burst)
         ingest_end = wait_clients(bench, procs, timeout)
@@ -173,11 +180,16 @@ def burst_run(bench: Bench, burst: Burst, timeout: float) -> dict[str, float]:
 
         poll(finished, timeout, "the burst to reach Immich", interval=0.05)
         total, cpu = meter()
+        service, workers = gate.cpu() - service, gate.workers_cpu() - workers
+        immich = standin.cpu() - immich
         done, undone = final_count(gate)
         assets = standin.counters()["created"]
         return {
             "total": total,
             "total_cpu": cpu,
+            "service_cpu": service,
+            "workers_cpu": workers,
+            "standin_cpu": immich,
             "ingest_in_burst": ingest_end - started,
             "done": done,
             "undone": undone,
@@ -189,13 +201,13 @@ def burst_run(bench: Bench, burst: Burst, timeout: float) -> dict[str, float]:
         shutil.rmtree(gate.dir, ignore_errors=True)
 
 
-def ingest_alone(bench: Bench, burst: Burst, timeout: float) -> tuple[float, float]:
+def ingest_alone(bench: Bench, burst: Burst, timeout: float) -> tuple[float, float, float]:
     standin = Standin(bench)
     gate = Gate(bench, standin.url, name="gate-ingest", sftp={"temp_patterns": ["*"]})
     try:
-        meter = start_meter()
+        service, meter = gate.cpu(), start_meter()
         wait_clients(bench, start_clients(bench, gate, burst), timeout)
-        spent = meter()
+        spent = (*meter(), gate.cpu() - service)
         rows = gate.ledger("SELECT COUNT(*), COALESCE(SUM(size), 0) FROM originals")[0]
         if tuple(rows) != (len(burst.files), burst.bytes):
             raise BenchError(f"ingest alone: ledger has {rows}, sent {len(burst.files)} files")
@@ -215,7 +227,8 @@ class Optimized:
 
 async def _optimize_alone(
     files: list[Path], work: Path
-) -> tuple[tuple[float, float], list[Optimized]]:
+) -> tuple[tuple[float, float, float], list[Optimized]]:
+    """(seconds, machine CPU, the codec workers' CPU) and what to send."""
     from sftpgate.config import OptimizeConfig
     from sftpgate.optimize import optimize_file
     from sftpgate.workers import CodecPool
@@ -230,11 +243,13 @@ async def _optimize_alone(
         ):
             if r.output:
                 Path(r.output).unlink(missing_ok=True)
+        workers = sum(cpu_seconds(pid, children=False) for pid in pool.pids)
         meter = start_meter()
         results = await asyncio.gather(
             *(pool.run(optimize_file, f, work, cfg, "UTC", timeout=3600) for f in files)
         )
-        spent = meter()
+        workers = sum(cpu_seconds(pid, children=False) for pid in pool.pids) - workers
+        spent = (*meter(), workers)
     finally:
         await pool.close()
     out = []
@@ -245,14 +260,17 @@ async def _optimize_alone(
     return spent, out
 
 
-async def _upload_alone(url: str, items: list[Optimized]) -> tuple[float, float]:
+async def _upload_alone(
+    standin: Standin, items: list[Optimized]
+) -> tuple[float, float, float, float]:
+    """(seconds, machine CPU, this process's CPU as the client, the stand-in's CPU)."""
     from common import API_KEY
 
     from sftpgate.immich.client import ImmichClient
 
     now = datetime.now(UTC)
     slots = asyncio.Semaphore(2)  # retry.upload_concurrency's default
-    async with ImmichClient(url) as client:
+    async with ImmichClient(standin.url) as client:
         await client.server_major()  # the version probe, not timed
 
         async def one(item: Optimized) -> None:
@@ -266,9 +284,9 @@ async def _upload_alone(url: str, items: list[Optimized]) -> tuple[float, float]
                     checksum=item.sha1,
                 )
 
-        meter = start_meter()
+        client_cpu, immich, meter = own_cpu_seconds(), standin.cpu(), start_meter()
         await asyncio.gather(*(one(i) for i in items))
-        return meter()
+        return (*meter(), own_cpu_seconds() - client_cpu, standin.cpu() - immich)
 
 
 async def _latency(bench: Bench, gate: Gate, standin: Standin, n: int) -> list[dict[str, float]]:
@@ -323,9 +341,12 @@ def run(bench: Bench) -> Section:
     def add(key: str, value: float) -> None:
         samples.setdefault(key, []).append(value)
 
-    def add_stage(stage: str, spent: tuple[float, float]) -> None:
+    def add_stage(stage: str, spent: tuple[float, ...], *parts: str) -> None:
+        """Seconds, machine CPU, then the CPU of each named process."""
         add(stage, spent[0])
         add(f"{stage}_cpu", spent[1])
+        for part, value in zip(parts, spent[2:], strict=True):
+            add(f"{stage}_{part}_cpu", value)
 
     try:
         for rep in range(bench.reps):
@@ -333,13 +354,15 @@ def run(bench: Bench) -> Section:
             for k, v in b.items():
                 add(k, v)
             bench.log(f"pipeline rep {rep + 1}: burst {b}")
-            add_stage("ingest", ingest_alone(bench, burst, timeout))
+            add_stage("ingest", ingest_alone(bench, burst, timeout), "service")
             work = Path(tempfile.mkdtemp(prefix="optimized-", dir=bench.tmp))
             spent, optimized = asyncio.run(_optimize_alone(burst.files, work))
-            add_stage("optimize", spent)
+            add_stage("optimize", spent, "workers")
             standin = Standin(bench)
             try:
-                add_stage("upload", asyncio.run(_upload_alone(standin.url, optimized)))
+                add_stage(
+                    "upload", asyncio.run(_upload_alone(standin, optimized)), "client", "standin"
+                )
             finally:
                 standin.stop()
             if rep == 0:
@@ -425,6 +448,22 @@ def _section(
             2,
         ),
         row("burst / CPU bound", vs_bound, 2, "1.0 = the cores never idle"),
+        row(
+            "… codec workers' CPU in the burst, core-s",
+            s["workers_cpu"],
+            note=f"optimize alone: {median(s['optimize_workers_cpu']):.1f}",
+        ),
+        row(
+            "… sftpgate's own threads in the burst, core-s",
+            s["service_cpu"],
+            note=f"ingest alone: {median(s['ingest_service_cpu']):.1f}; upload alone's client: "
+            f"{median(s['upload_client_cpu']):.1f}",
+        ),
+        row(
+            "… stand-in Immich in the burst, core-s",
+            s["standin_cpu"],
+            note=f"upload alone: {median(s['upload_standin_cpu']):.1f}",
+        ),
         row(
             f"latency CLOSE → asset id, s ({(CORPUS / LATENCY_JPEG).stat().st_size / MB:.1f} MB "
             "12 MP JPEG)",
