@@ -219,6 +219,8 @@ def ledger_scale(bench: Bench) -> dict[str, object]:
         in_dir = _timed(lambda: ledger.remembered_in_dir("phone", folder, since), reps)
         dirs_parent = _timed(lambda: ledger.remembered_dirs("phone", "DCIM", since), reps)
         dirs_folder = _timed(lambda: ledger.remembered_dirs("phone", folder, since), reps)
+        unfinished = _timed(ledger.count_unfinished, reps)
+        by_state = _timed(ledger.count_by_state, reps)
     finally:
         ledger.close()
     standin = Standin(bench)
@@ -238,6 +240,8 @@ def ledger_scale(bench: Bench) -> dict[str, object]:
         "in_dir": in_dir,
         "dirs_parent": dirs_parent,
         "dirs_folder": dirs_folder,
+        "unfinished": unfinished,
+        "by_state": by_state,
         "listing": listing,
         "listing_count": count,
         "parent": parent,
@@ -290,6 +294,11 @@ def run(bench: Bench) -> Section:
             "median of 5",
         ],
         ["remembered_dirs inside the 10,000-file folder", ms(led["dirs_folder"]), "median of 5"],
+        [
+            "count_unfinished (the queue gauges, twice per file)",
+            ms(led["unfinished"]),
+            f"median of 5; every state counted (count_by_state): {ms(led['by_state'])}",
+        ],
         [
             "SFTP listing (asyncssh readdir) of the 10,000-file folder",
             ms(led["listing"]),

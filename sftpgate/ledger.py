@@ -232,6 +232,17 @@ class Ledger:
     def count_by_state(self) -> dict[str, int]:
         return dict(self._db.execute("SELECT state, COUNT(*) FROM originals GROUP BY state"))
 
+    def count_unfinished(self) -> dict[str, int]:
+        """Rows by state for every state but `done`: one index range per state, so it stays
+        fast however many files were delivered (counting `done` too reads every remembered row:
+        119 ms at 1,000,000, and the pipeline refreshes its gauges twice per file)."""
+        states = (*ACTIVE_STATES, "undone")
+        return dict(
+            self._db.execute(
+                f"SELECT state, COUNT(*) FROM originals WHERE state IN {states} GROUP BY state"
+            )
+        )
+
     def count_by_outcome(self) -> dict[str, int]:
         return dict(
             self._db.execute(

@@ -153,7 +153,7 @@ class Pipeline:
 
     async def refresh_gauges(self) -> None:
         self._progress.set()
-        counts = await self.db(lambda db: db.count_by_state())
+        counts = await self.db(lambda db: db.count_unfinished())
         self.metrics.queue_files.set(
             sum(counts.get(s, 0) for s in ("queued", "optimizing", "uploading"))
         )

@@ -74,7 +74,7 @@ class Service:
 
     async def ready(self) -> tuple[bool, str]:
         try:
-            await self.db(lambda db: db.count_by_state())
+            await self.db(lambda db: db.count_unfinished())
         except Exception as exc:
             return False, f"ledger not readable: {exc}"
         if not os.access(self.layout.root, os.W_OK):
