@@ -45,7 +45,7 @@ import aiohttp
 from .config import Config, parse_listen
 from .intake import Intake, sha1_of_file
 from .layout import DataDirBusy, Layout, fsync_dir, lock_data_dir, move_durably
-from .ledger import ACTIVE_STATES, FINAL_STATES, Original
+from .ledger import ACTIVE_STATES, FINAL_STATES, Ledger, Original
 from .logs import file_event
 from .metrics import Metrics
 from .server import start_stages
@@ -381,13 +381,15 @@ class Importer:
         too, though their sources were skipped as known) or on an interrupt."""
         while True:
             await self._collect(report)
-            counts = await self.db(lambda db: db.count_by_state())
+            counts = await self.db(Ledger.count_unfinished)
             others = sum(counts.get(s, 0) for s in ("queued", "optimizing", "uploading"))
             if self.interrupted.is_set() or (enough(len(self.pending)) and not (drain and others)):
                 return
             # Woken by any change of state in the ledger; the timeout only refreshes the display.
             with contextlib.suppress(TimeoutError):
-                await self.pipeline.wait_for(lambda c, b=counts: c != b, timeout=2.0)
+                await self.pipeline.wait_for(
+                    lambda c, b=counts: c != b, timeout=2.0, count=Ledger.count_unfinished
+                )
 
     async def _collect(self, report: _Report) -> None:
         for row_id, rel in list(self.pending.items()):

@@ -23,7 +23,7 @@ from .config import Config
 from .immich.client import ImmichClient, PermanentImmichError, TransientImmichError
 from .intake import sha1_of_file
 from .layout import Layout, fsync_dir, move_durably, unlink_if_same
-from .ledger import LedgerThread, Original
+from .ledger import Ledger, LedgerThread, Original
 from .logs import event, file_event
 from .metrics import Metrics
 from .optimize import OptimizeResult, optimize_file
@@ -140,13 +140,17 @@ class Pipeline:
             await asyncio.gather(*pending, return_exceptions=True)
 
     async def wait_for(
-        self, condition: Callable[[dict[str, int]], bool], timeout: float
+        self,
+        condition: Callable[[dict[str, int]], bool],
+        timeout: float,
+        count: Callable[[Ledger], dict[str, int]] = Ledger.count_by_state,
     ) -> dict[str, int]:
-        """Wait until `condition(counts by state)` holds; for the demo, tests and `import`."""
+        """Wait until `condition(counts by state)` holds; for the demo, tests and `import`
+        (which counts only unfinished rows: every state reads all remembered rows)."""
         async with asyncio.timeout(timeout):
             while True:
                 self._progress.clear()
-                counts = await self.db(lambda db: db.count_by_state())
+                counts = await self.db(count)
                 if condition(counts):
                     return counts
                 await self._progress.wait()
