@@ -144,7 +144,8 @@ class UploadFile:
 
     async def flushed(self) -> None:
         """Wait for a sync job under way: an error it met is reported to it alone (the kernel
-        tells each failure once per open file), so CLOSE must see its outcome."""
+        tells each failure once per open file), so CLOSE must see its outcome. Call it after
+        the last `catch_up`, which may start one."""
         if self._syncing is not None:
             await self._syncing
 
@@ -401,7 +402,8 @@ class GateSFTPServer(asyncssh.SFTPServer):
             if not file_obj.closed_by_client:
                 # The connection dropped mid-upload: keep the part for a resume (or discard it
                 # below). Nothing reaches watch/ without the client's CLOSE.
-                await asyncio.gather(file_obj.catch_up(), file_obj.flushed())
+                await file_obj.catch_up()
+                await file_obj.flushed()
                 if file_obj.sync_error is None:  # bytes that failed to sync are never resumed
                     self.parts.park(file_obj, self.user)
                 return
@@ -409,10 +411,9 @@ class GateSFTPServer(asyncssh.SFTPServer):
                 # Hashing the last bytes and flushing the part to disk are independent; the
                 # client waits for its CLOSE answer, so they run at the same time.
                 await asyncio.gather(
-                    file_obj.catch_up(),
-                    file_obj.flushed(),
-                    loop.run_in_executor(None, os.fsync, file_obj.fd),
+                    file_obj.catch_up(), loop.run_in_executor(None, os.fsync, file_obj.fd)
                 )
+                await file_obj.flushed()
             except OSError as exc:
                 raise _sftp_error(exc) from None
             if file_obj.sync_error is not None:
@@ -463,9 +464,8 @@ class GateSFTPServer(asyncssh.SFTPServer):
             await loop.run_in_executor(None, super().fsync, file_obj)
             return
         try:
-            await asyncio.gather(
-                file_obj.flushed(), loop.run_in_executor(None, os.fsync, file_obj.fd)
-            )
+            await loop.run_in_executor(None, os.fsync, file_obj.fd)
+            await file_obj.flushed()
         except OSError as exc:
             raise _sftp_error(exc) from None
         if file_obj.sync_error is not None:
