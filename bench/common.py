@@ -167,7 +167,7 @@ def machine_busy_seconds() -> float:
     the whole machine's work, whichever process did it."""
     fields = Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]
     user, nice, system, _idle, _iowait, irq, softirq = (int(f) for f in fields[:7])
-    return (user + nice + system + irq + softirq) / os.sysconf("SC_CLK_TCK")
+    return (user + nice + system + irq + softirq) / CLK_TCK
 
 
 # -- small utilities ----------------------------------------------------------------------------

@@ -110,11 +110,13 @@ class UploadFile:
         self.size = size
 
     def _follow(self, final: bool = False) -> None:
-        """Start a hashing job when enough new bytes arrived (any at all when `final`), and a
-        sync job when SYNC_EVERY bytes are not on disk yet."""
+        """Start a hashing job when enough new bytes arrived (any at all when `final`), and, while
+        bytes arrive (not `final`: CLOSE flushes the rest itself), a sync job when SYNC_EVERY
+        bytes are not on disk yet."""
         loop = asyncio.get_running_loop()
         syncing = self._syncing is not None and not self._syncing.done()
-        if not syncing and self.sync_error is None and self.size - self.synced >= self.SYNC_EVERY:
+        unsynced = self.size - self.synced
+        if not (final or syncing or self.sync_error) and unsynced >= self.SYNC_EVERY:
             self._syncing = loop.run_in_executor(None, self._sync_part, self.fd, self.size)
         if not self._hash_valid or (self._hashing is not None and not self._hashing.done()):
             return
@@ -144,8 +146,7 @@ class UploadFile:
 
     async def flushed(self) -> None:
         """Wait for a sync job under way: an error it met is reported to it alone (the kernel
-        tells each failure once per open file), so CLOSE must see its outcome. Call it after
-        the last `catch_up`, which may start one."""
+        tells each failure once per open file), so CLOSE must see its outcome."""
         if self._syncing is not None:
             await self._syncing
 
