@@ -12,8 +12,9 @@ import asyncio
 import fnmatch
 import hashlib
 import os
+import re
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,6 +25,32 @@ from .metrics import Metrics
 
 _HASH_CHUNK = 1 << 20
 ABANDONED_SECONDS = 86400.0
+
+
+def _files_below(top: str, prefix: str = "") -> Iterator[tuple[str, str]]:
+    """(POSIX path below `top`, full path) of each regular file; symlinks are not followed and
+    hidden folders not entered; a folder that vanishes meanwhile is skipped, as os.walk does."""
+    try:
+        entries = list(os.scandir(top))
+    except OSError:
+        return
+    for entry in entries:
+        if entry.is_dir(follow_symlinks=False):
+            if not entry.name.startswith("."):
+                yield from _files_below(entry.path, f"{prefix}{entry.name}/")
+        elif entry.is_file(follow_symlinks=False):
+            yield prefix + entry.name, entry.path
+
+
+def _with_stat(files: list[tuple[str, str, str]]) -> list[tuple[str, str, Path, os.stat_result]]:
+    """The files that still exist, with their lstat."""
+    out = []
+    for user, path, full in files:
+        try:
+            out.append((user, path, Path(full), os.lstat(full)))
+        except FileNotFoundError:
+            continue
+    return out
 
 
 def sha1_of_file(path: Path) -> str:
@@ -63,6 +90,8 @@ class Intake:
         self.metrics = metrics
         self.users = users
         self.temp_patterns = temp_patterns
+        # One regular expression for all patterns: a scan asks this of every file in watch/.
+        self._temporary_name = re.compile("|".join(map(fnmatch.translate, temp_patterns)) or "(?!)")
         self.remember_seconds = remember_days * 86400.0
         self.settle_seconds = settle_seconds
         self.wake = wake
@@ -70,7 +99,7 @@ class Intake:
     def is_temporary(self, path: str) -> bool:
         """A temporary name is not queued until it is renamed to a final one (SPEC §3)."""
         name = path.rsplit("/", 1)[-1]
-        return any(fnmatch.fnmatchcase(name, p) for p in self.temp_patterns) or any(
+        return bool(self._temporary_name.match(name)) or any(
             part.startswith(".") for part in path.split("/")
         )
 
@@ -257,12 +286,14 @@ class Intake:
         by Samba, FTP or `cp -p` (which sets an old mtime at the end) is never taken half-written.
         """
         loop = asyncio.get_running_loop()
-        candidates = await loop.run_in_executor(None, self._walk_watch)
+        found = await loop.run_in_executor(None, self._walk_watch)
         known = await self.db(lambda db: db.active_paths())
+        # Only files the ledger does not know are looked at: a scan during a long backlog (and a
+        # delivered file's removal wakes one) must not stat every file still waiting.
+        new = [(u, p, f) for u, p, f in found if u in self.users and (u, p) not in known]
+        candidates = await loop.run_in_executor(None, _with_stat, new)
         adopted = 0
         for user, path, full, st in candidates:
-            if user not in self.users or (user, path) in known:
-                continue
             if settle and time.time() - st.st_ctime < self.settle_seconds:
                 continue
             if full.parent == self.layout.watch:  # a file dropped directly into watch/
@@ -287,24 +318,20 @@ class Intake:
             adopted += 1
         return adopted
 
-    def _walk_watch(self) -> list[tuple[str, str, Path, os.stat_result]]:
-        out: list[tuple[str, str, Path, os.stat_result]] = []
-        watch = self.layout.watch
+    def _walk_watch(self) -> list[tuple[str, str, str]]:
+        """(user, path, full path) of the regular files in watch/, temporaries left out; names
+        only (the directory entries say which are files), no stat."""
+        out: list[tuple[str, str, str]] = []
         default_user = self.users[0]
-        for entry in os.scandir(watch):
+        for entry in os.scandir(self.layout.watch):
             if entry.name.startswith(".") or entry.name == "undone":
                 continue
             if entry.is_file(follow_symlinks=False):
-                out.append(
-                    (default_user, entry.name, Path(entry.path), entry.stat(follow_symlinks=False))
-                )
+                out.append((default_user, entry.name, entry.path))
             elif entry.is_dir(follow_symlinks=False):
-                for dirpath, dirnames, filenames in os.walk(entry.path):
-                    dirnames[:] = [d for d in dirnames if not d.startswith(".")]
-                    for name in filenames:
-                        full = Path(dirpath) / name
-                        rel = full.relative_to(entry.path).as_posix()
-                        if self.is_temporary(rel) or full.is_symlink():
-                            continue
-                        out.append((entry.name, rel, full, full.stat()))
+                out.extend(
+                    (entry.name, rel, full)
+                    for rel, full in _files_below(entry.path)
+                    if not self.is_temporary(rel)
+                )
         return out

@@ -101,6 +101,11 @@ _COLUMNS = [f.name for f in fields(Original)]
 _SELECT = f"SELECT {', '.join(_COLUMNS)} FROM originals"
 
 
+def _marks(values: tuple[object, ...]) -> str:
+    """`(?,?,…)`: one parameter per value, for `IN`."""
+    return "(" + ",".join("?" * len(values)) + ")"
+
+
 @dataclass(frozen=True)
 class Remembered:
     """What the SFTP layer shows for a delivered file that is no longer on disk."""
@@ -166,16 +171,19 @@ class Ledger:
     def due(self, now: float, limit: int, exclude: Iterable[int] = ()) -> list[Original]:
         """Originals ready for work: queued and due, oldest first."""
         skip = tuple(exclude) or (-1,)
-        marks = ",".join("?" * len(skip))
         return self._rows(
-            f"WHERE state = 'queued' AND next_attempt_at <= ? AND id NOT IN ({marks})"
+            f"WHERE state = 'queued' AND next_attempt_at <= ? AND id NOT IN {_marks(skip)}"
             " ORDER BY next_attempt_at, id LIMIT ?",
             (now, *skip, limit),
         )
 
-    def next_due_time(self) -> float | None:
+    def next_due_time(self, exclude: Iterable[int] = ()) -> float | None:
+        """When the next queued original (not one of `exclude`) is due; None when none is."""
+        skip = tuple(exclude) or (-1,)
         row = self._db.execute(
-            "SELECT MIN(next_attempt_at) FROM originals WHERE state = 'queued'"
+            "SELECT MIN(next_attempt_at) FROM originals"
+            f" WHERE state = 'queued' AND id NOT IN {_marks(skip)}",
+            skip,
         ).fetchone()
         return row[0]
 

@@ -105,6 +105,8 @@ class Pipeline:
         try:
             while not self._stopping:
                 self._wakeup.clear()
+                # A safety net only: a new file, a finished one and a stop each wake the loop.
+                timeout = 5.0
                 free = capacity - len(self._in_flight)
                 if free > 0:
                     now = time.time()
@@ -115,11 +117,15 @@ class Pipeline:
                         task = asyncio.create_task(self._deliver(row))
                         self._in_flight[row.id] = task
                         task.add_done_callback(lambda _, rid=row.id: self._task_done(rid))
-                next_due = await self.db(lambda db: db.next_due_time())
-                timeout = 60.0 if next_due is None else max(0.05, next_due - time.time())
+                if len(self._in_flight) < capacity:
+                    # Files in flight stay `queued` while they wait for a worker, due already:
+                    # counting them would wake this loop every 50 ms for a whole backlog.
+                    next_due = await self.db(lambda db: db.next_due_time(list(self._in_flight)))
+                    if next_due is not None:
+                        timeout = min(timeout, max(0.05, next_due - time.time()))
                 # asyncio.timeout, not wait_for: on 3.11 wait_for can swallow a cancellation.
                 with contextlib.suppress(TimeoutError):
-                    async with asyncio.timeout(min(timeout, 5.0)):
+                    async with asyncio.timeout(timeout):
                         await self._wakeup.wait()
         finally:
             watcher.cancel()
@@ -156,12 +162,15 @@ class Pipeline:
                 await self._progress.wait()
 
     async def refresh_gauges(self) -> None:
-        self._progress.set()
-        counts = await self.db(lambda db: db.count_unfinished())
-        self.metrics.queue_files.set(
-            sum(counts.get(s, 0) for s in ("queued", "optimizing", "uploading"))
-        )
-        self.metrics.undone_files.set(counts.get("undone", 0))
+        try:
+            counts = await self.db(lambda db: db.count_unfinished())
+            self.metrics.queue_files.set(
+                sum(counts.get(s, 0) for s in ("queued", "optimizing", "uploading"))
+            )
+            self.metrics.undone_files.set(counts.get("undone", 0))
+        finally:
+            # Only now: whoever wakes on progress (import, the demo, tests) reads fresh gauges.
+            self._progress.set()
 
     async def _watch_immich(self) -> None:
         """Pause uploads while Immich does not answer its ping; resume by itself (SPEC §6)."""
@@ -304,13 +313,15 @@ class Pipeline:
         await self._finish_done(await self._reload(row), immich_status=outcome.status)
 
     async def _finish_done(self, row: Original, immich_status: str | None = None) -> None:
-        loop = asyncio.get_running_loop()
         outcome = "uploaded" if row.work_path else "kept"
-        await loop.run_in_executor(
-            None, unlink_if_same, self.layout.watch_file(row.user, row.path), row.inode
-        )
-        if row.work_path:
-            Path(row.work_path).unlink(missing_ok=True)
+        original, converted = self.layout.watch_file(row.user, row.path), row.work_path
+
+        def remove_files() -> None:  # freeing a file's blocks takes milliseconds: not on the loop
+            unlink_if_same(original, row.inode)
+            if converted:
+                Path(converted).unlink(missing_ok=True)
+
+        await asyncio.get_running_loop().run_in_executor(None, remove_files)
         await self.db(lambda db: db.update(row.id, state="done", outcome=outcome, work_path=None))
         self.metrics.processed_files.labels(outcome=outcome).inc()
         self.metrics.original_bytes.inc(row.size)

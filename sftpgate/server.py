@@ -118,7 +118,10 @@ class Service:
 
     async def _watch_changes(self, changed: asyncio.Event) -> None:
         try:
-            async for _ in watchfiles.awatch(self.layout.watch, recursive=True, debounce=200):
+            # A removal brings nothing to adopt, and each delivered original is one.
+            async for _ in watchfiles.awatch(
+                self.layout.watch, watch_filter=_not_a_removal, recursive=True, debounce=200
+            ):
                 changed.set()
         except (OSError, RuntimeError) as exc:  # no inotify here (limits, file system): poll only
             event("inotify unavailable", level=30, error=str(exc), outcome="polling watch/ instead")
@@ -182,6 +185,10 @@ async def start_stages(config: Config, layout: Layout, metrics: Metrics) -> Stag
     await pipeline.recover()
     await intake.scan_watch(settle=False)
     return Stages(db, pool, immich, pipeline, intake)
+
+
+def _not_a_removal(change: watchfiles.Change, path: str) -> bool:
+    return change != watchfiles.Change.deleted
 
 
 def _remove_stale_parts(layout: Layout) -> None:

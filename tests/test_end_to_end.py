@@ -183,11 +183,14 @@ async def test_files_that_landed_while_stopped_are_delivered_after_restart(
 
 
 async def test_files_waiting_for_a_worker_stay_queued_until_one_takes_them(
-    tmp_path, standin, corpus, host_keys_dir, client_key
+    tmp_path, standin, corpus, host_keys_dir, client_key, monkeypatch
 ):
     """The dispatcher keeps a file waiting at each worker; the ledger (and `sftpgate status`)
-    says `optimizing` only for files a worker is converting."""
+    says `optimizing` only for files a worker is converting. Files waiting for a worker are
+    `queued` and due: the dispatcher must not take them for work still to come and ask the
+    ledger again every 50 ms until they are done (it did, two queries each time)."""
     from sftpgate.config import load_config
+    from sftpgate.ledger import Ledger
     from sftpgate.server import Service
 
     from .conftest import gate_config
@@ -206,6 +209,18 @@ async def test_files_waiting_for_a_worker_stay_queued_until_one_takes_them(
         seen.append(counts)
         return finished(len(JPEGS))(counts)
 
+    dispatcher_queries = 0
+
+    def counted(query):
+        def run(*args, **kwargs):
+            nonlocal dispatcher_queries
+            dispatcher_queries += 1
+            return query(*args, **kwargs)
+
+        return run
+
+    monkeypatch.setattr(Ledger, "due", counted(Ledger.due))
+    monkeypatch.setattr(Ledger, "next_due_time", counted(Ledger.next_due_time))
     second = Service(config)
     await second.start()
     try:
@@ -215,6 +230,9 @@ async def test_files_waiting_for_a_worker_stay_queued_until_one_takes_them(
     # One converting, and at most one more whose worker just finished while its output is
     # hashed; without the reservation all four were `optimizing` at once.
     assert max(c.get("optimizing", 0) for c in seen) <= 2, seen
+    # One look at the start, then two queries per finished file (what is due, when is the
+    # next): 7-8 here; the polling made 21-23 in the ~1 s these four conversions take.
+    assert dispatcher_queries <= 3 * len(JPEGS), dispatcher_queries
     assert len(stored_assets(standin)) == len(JPEGS)
 
 

@@ -162,6 +162,31 @@ async def test_a_file_copied_into_watch_is_taken_only_once_it_has_settled(gate, 
     assert row.size == len(data) and row.path == "from-share/IMG_5.jpg"
 
 
+async def test_only_regular_files_in_watch_are_taken_and_a_fifo_stops_no_scan(
+    gate, standin, corpus
+):
+    """A FIFO (or socket, device) in a share is not a photo: hashing it would wait for a writer
+    forever and stop every later scan. Symlinks are not followed either."""
+    folder = gate.layout.watch / "phone" / "from-share"
+    folder.mkdir()
+    fifo = folder / "pipe.jpg"
+    os.mkfifo(fifo)
+    (folder / "link.jpg").symlink_to(corpus / PHOTO)
+    data = (corpus / PHOTO).read_bytes()
+    try:
+        (folder / "IMG_6.jpg").write_bytes(distinct_jpeg(data, 6))
+        await gate.pipeline.wait_for(finished(1), timeout=30)
+        (folder / "IMG_7.jpg").write_bytes(distinct_jpeg(data, 7))  # the scans still run
+        await gate.pipeline.wait_for(finished(2), timeout=30)
+    finally:
+        with contextlib.suppress(OSError):  # let a reader stuck on the FIFO go (ENXIO: none)
+            os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+    names = sorted(a.original_file_name for a in standin.state.assets.values())
+    assert names == ["IMG_6.jxl", "IMG_7.jxl"]
+    assert fifo.exists() and (folder / "link.jpg").is_symlink()
+    assert no_undone(gate)
+
+
 async def test_inotify_notices_a_copied_file_long_before_the_periodic_scan(
     tmp_path, standin, corpus, host_keys_dir, client_key
 ):
