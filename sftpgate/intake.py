@@ -13,6 +13,7 @@ import fnmatch
 import hashlib
 import os
 import re
+import stat
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -43,13 +44,15 @@ def _files_below(top: str, prefix: str = "") -> Iterator[tuple[str, str]]:
 
 
 def _with_stat(files: list[tuple[str, str, str]]) -> list[tuple[str, str, Path, os.stat_result]]:
-    """The files that still exist, with their lstat."""
+    """The files that are still regular files, with their lstat."""
     out = []
     for user, path, full in files:
         try:
-            out.append((user, path, Path(full), os.lstat(full)))
+            st = os.lstat(full)
         except FileNotFoundError:
             continue
+        if stat.S_ISREG(st.st_mode):
+            out.append((user, path, Path(full), st))
     return out
 
 
@@ -89,7 +92,6 @@ class Intake:
         self.db = db
         self.metrics = metrics
         self.users = users
-        self.temp_patterns = temp_patterns
         # One regular expression for all patterns: a scan asks this of every file in watch/.
         self._temporary_name = re.compile("|".join(map(fnmatch.translate, temp_patterns)) or "(?!)")
         self.remember_seconds = remember_days * 86400.0
