@@ -220,8 +220,14 @@ class Pipeline:
         src = self.layout.watch_file(row.user, row.path)
         # Up to one file per worker waits here for its turn; it stays `queued` until it has one.
         async with self.pool.reserve() as worker:
-            await self.db(
-                lambda db: db.update(row.id, state="optimizing", upload_sha1=None, work_path=None)
+            # The worker starts at once; the ledger's commit (an fsync) runs beside it. Either way
+            # a crash leaves the row queued or optimizing, and both are converted again.
+            marked = asyncio.ensure_future(
+                self.db(
+                    lambda db: db.update(
+                        row.id, state="optimizing", upload_sha1=None, work_path=None
+                    )
+                )
             )
             started = time.monotonic()
             try:
@@ -235,6 +241,8 @@ class Pipeline:
                 )
             except CodecWorkerError as exc:
                 result = _unreadable(row, str(exc))
+            finally:
+                await marked
         self.metrics.stage_duration.labels(stage="optimize").observe(time.monotonic() - started)
 
         if result.decision == "retry":  # the disk, not the file: keep the original, try later
