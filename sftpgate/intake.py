@@ -290,8 +290,8 @@ class Intake:
         loop = asyncio.get_running_loop()
         found = await loop.run_in_executor(None, self._walk_watch)
         known = await self.db(lambda db: db.active_paths())
-        # Only files the ledger does not know are looked at: a scan during a long backlog (and a
-        # delivered file's removal wakes one) must not stat every file still waiting.
+        # Only files the ledger does not know are looked at: a scan during a long backlog must
+        # not stat every file still waiting.
         new = [(u, p, f) for u, p, f in found if u in self.users and (u, p) not in known]
         candidates = await loop.run_in_executor(None, _with_stat, new)
         adopted = 0
