@@ -1,5 +1,11 @@
 """Ingest: sftpgate vs OpenSSH sshd (internal-sftp), same clients, same ciphers, side by side.
 
+A third server runs the idle rows only: stock asyncssh (`asyncssh.SFTPServer` writing straight
+into a folder: no hashing, no fsync, no ledger) with sftpgate's SSH settings and protocol layer
+(sftpgate/sftp/protocol.py: without it rclone cannot upload), on uvloop. It is the ceiling of one
+Python event loop running asyncssh on this machine, measured in the same minutes: how far
+sftpgate is from it is sftpgate's own cost; how far it is from OpenSSH is asyncssh's.
+
 Data sets: one big file (1 GiB; --quick: 48 MiB) and many photo-sized files (200 × 5 MiB;
 --quick: 12 × 5 MiB) of random bytes, written once to a temp dir. Clients: OpenSSH `sftp -b`,
 rclone (`:sftp:` remote on the command line), paramiko (in its own process; it times connect →
@@ -21,7 +27,8 @@ keeps ~8 distinct corpus JPEGs waiting in watch/feeder/ (a second user) so both 
 convert all the time, for the sftpgate *and* the OpenSSH runs.
 
 Run alone: `python bench/ingest.py [--quick]`. `python bench/ingest.py --paramiko-client JSON` is
-the paramiko client process the benchmark starts.
+the paramiko client process the benchmark starts, `--asyncssh-server JSON` the stock asyncssh
+server.
 """
 
 from __future__ import annotations
@@ -49,6 +56,7 @@ from common import (
     MB,
     MIB,
     PY,
+    ROOT,
     Bench,
     BenchError,
     Gate,
@@ -56,12 +64,15 @@ from common import (
     Sshd,
     Standin,
     cell,
+    cpu_seconds,
     distinct_jpeg,
+    free_port,
     loadavg,
     median,
     poll,
     random_file,
     ratio,
+    wait_port,
 )
 
 CIPHERS = {"chacha20": "chacha20-poly1305@openssh.com", "aes128-gcm": "aes128-gcm@openssh.com"}
@@ -204,12 +215,85 @@ class SshdTarget(Target):
         return self.sshd.cpu()
 
     def verify_and_clean(self, dest: str, ds: Dataset) -> None:
-        d = self.sshd.root / dest
-        files = [p for p in d.rglob("*") if p.is_file()]
-        size = sum(p.stat().st_size for p in files)
-        shutil.rmtree(d, ignore_errors=True)
-        if len(files) != len(ds.files) or size != ds.bytes:
-            raise BenchError(f"sshd got {len(files)} files / {size} bytes, sent {ds.bytes}")
+        check_and_remove(self.sshd.root / dest, ds, "sshd")
+
+
+def check_and_remove(folder: Path, ds: Dataset, server: str) -> None:
+    """An upload into a plain folder: every file and byte arrived; then delete it."""
+    files = [p for p in folder.rglob("*") if p.is_file()]
+    size = sum(p.stat().st_size for p in files)
+    shutil.rmtree(folder, ignore_errors=True)
+    if len(files) != len(ds.files) or size != ds.bytes:
+        raise BenchError(f"{server} got {len(files)} files / {size} bytes, sent {ds.bytes}")
+
+
+class AsyncsshTarget(Target):
+    """The stock asyncssh server (module doc), a process of its own; idle rows only."""
+
+    name = "asyncssh"
+
+    def __init__(self, bench: Bench) -> None:
+        import asyncssh
+
+        self.bench = bench
+        self.dir = bench.mkdtemp("asyncssh")
+        self.root = self.dir / "root"
+        self.root.mkdir()
+        self.port = free_port()
+        self.user = "phone"
+        host_key = self.dir / "ssh_host_ed25519_key"
+        host_key.write_bytes(asyncssh.generate_private_key("ssh-ed25519").export_private_key())
+        spec = {
+            "port": self.port,
+            "root": str(self.root),
+            "host_key": str(host_key),
+            "authorized_keys": str(bench.client_key.with_suffix(".pub")),
+        }
+        log = self.dir / "server.log"
+        self.proc = bench.start([PY, __file__, "--asyncssh-server", json.dumps(spec)], log)
+        wait_port(self.port, self.proc, log)
+
+    def prepare(self, dest: str) -> None:
+        (self.root / dest).mkdir()
+
+    def cpu(self) -> float:
+        return cpu_seconds(self.proc.pid)
+
+    def verify_and_clean(self, dest: str, ds: Dataset) -> None:
+        check_and_remove(self.root / dest, ds, "asyncssh")
+
+    def stop(self) -> None:
+        self.bench.stop(self.proc)
+
+
+def asyncssh_server(spec: dict[str, Any]) -> None:
+    """The stock asyncssh server process: serve `root` until stopped."""
+    import asyncio
+
+    import asyncssh
+    import uvloop
+
+    sys.path.insert(0, str(ROOT))
+    from sftpgate.config import SftpConfig
+    from sftpgate.sftp import protocol
+
+    protocol.install(SftpConfig().max_write_bytes)
+    root = spec["root"].encode()
+
+    async def serve() -> None:
+        await asyncssh.listen(
+            "127.0.0.1",
+            spec["port"],
+            server_host_keys=[spec["host_key"]],
+            authorized_client_keys=spec["authorized_keys"],
+            sftp_factory=lambda chan: asyncssh.SFTPServer(chan, chroot=root),
+            allow_scp=False,
+            max_pktsize=256 * 1024,  # sftpgate's SSH settings (sftpgate/sftp/server.py)
+            window=8 * 1024 * 1024,
+        )
+        await asyncio.Event().wait()
+
+    uvloop.run(serve())
 
 
 # -- the clients ------------------------------------------------------------------------------------
@@ -406,8 +490,9 @@ def run(bench: Bench) -> Section:
         extra_users=[{"name": "feeder", "password": "feeder-password-not-used"}],
     )
     sshd = Sshd(bench)
+    stock = AsyncsshTarget(bench)
     gate_target = GateTarget(gate)
-    targets: list[Target] = [gate_target, SshdTarget(sshd)]
+    targets: list[Target] = [gate_target, SshdTarget(sshd), stock]
     feeder = Feeder(gate)
     res = Results()
     gap = 0.0 if bench.quick else 3.0  # idle before each run (notes §1: page-cache effects)
@@ -425,6 +510,8 @@ def run(bench: Bench) -> Section:
                             continue  # --quick: the busy mode is proven with one client
                         order = targets if rep % 2 == 0 else targets[::-1]
                         for target in order:
+                            if mode == "busy" and target is stock:
+                                continue
                             runs += 1
                             gate_target.clean(wait=mode == "idle")
                             time.sleep(gap)
@@ -447,6 +534,7 @@ def run(bench: Bench) -> Section:
                     gate_target.clean(wait=True)
     finally:
         feeder.stop()
+        stock.stop()
         sshd.stop()
         gate.stop()
         standin.stop()
@@ -464,7 +552,7 @@ def _section(bench: Bench, datasets: list[Dataset], res: Results) -> Section:
             got = {
                 (mode, server, attr): res.values((mode, ds.name, client, cipher, server), attr)
                 for mode in ("idle", "busy")
-                for server in ("sftpgate", "OpenSSH")
+                for server in ("sftpgate", "OpenSSH", "asyncssh")
                 for attr in ("mbps", "cpu_per_gb", "workers_cores")
             }
             busy_workers += got["busy", "sftpgate", "workers_cores"]
@@ -475,6 +563,7 @@ def _section(bench: Bench, datasets: list[Dataset], res: Results) -> Section:
                 got["idle", "OpenSSH", "cpu_per_gb"],
             )
             g_busy, o_busy = got["busy", "sftpgate", "mbps"], got["busy", "OpenSSH", "mbps"]
+            a_idle, a_cpu = got["idle", "asyncssh", "mbps"], got["idle", "asyncssh", "cpu_per_gb"]
             cipher_label = cipher
             if client == "rclone":
                 seen = res.samples.get(("idle", ds.name, client, cipher, "OpenSSH"), [])
@@ -495,6 +584,10 @@ def _section(bench: Bench, datasets: list[Dataset], res: Results) -> Section:
                     cell(o_busy),
                     ratio(median(g_busy), median(o_busy)),
                     ratio(median(g_busy), median(g_idle)),
+                    cell(a_idle),
+                    cell(a_cpu, 2, spread_too=False),
+                    ratio(median(g_idle), median(a_idle)),
+                    ratio(median(a_idle), median(o_idle)),
                 ]
             )
     header = [
@@ -511,6 +604,10 @@ def _section(bench: Bench, datasets: list[Dataset], res: Results) -> Section:
         "busy: OpenSSH MB/s",
         "busy: MB/s ratio",
         "sftpgate busy/idle",
+        "stock asyncssh MB/s",
+        "stock asyncssh CPU s/GB",
+        "sftpgate / stock asyncssh",
+        "stock asyncssh / OpenSSH",
     ]
     fed = bench.raw.get("ingest_feeder_jpegs", [])
     notes = [
@@ -521,6 +618,11 @@ def _section(bench: Bench, datasets: list[Dataset], res: Results) -> Section:
         f"Busy: codec workers converted {sum(fed)} JPEGs during the busy runs, using "
         f"{median(busy_workers):.2f} cores (median over runs) in the background (SCHED_IDLE); "
         "the OpenSSH busy runs share the machine with the same workers.",
+        "Stock asyncssh (idle only): asyncssh's own SFTPServer with sftpgate's SSH settings and "
+        "protocol layer on uvloop, writing straight into a folder (no hashing, no fsync, no "
+        "ledger); it honours `sftp -f`'s fsync@openssh.com. The ceiling of one Python event "
+        "loop running asyncssh here: sftpgate / stock asyncssh is sftpgate's own cost, stock "
+        "asyncssh / OpenSSH is asyncssh's.",
         "Not run: paramiko × chacha20 (paramiko has no chacha20-poly1305); rclone × chacha20 "
         "(rclone 1.60 has no cipher option).",
         f"Load average after the section: {loadavg()}.",
@@ -670,9 +772,13 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--paramiko-client", metavar="JSON", help=argparse.SUPPRESS)
+    parser.add_argument("--asyncssh-server", metavar="JSON", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.paramiko_client:
         paramiko_client(json.loads(args.paramiko_client))
+        return 0
+    if args.asyncssh_server:
+        asyncssh_server(json.loads(args.asyncssh_server))
         return 0
     from run import main as run_main
 

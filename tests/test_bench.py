@@ -48,4 +48,6 @@ def test_quick_benchmark_prints_one_table_per_section(tmp_path: Path) -> None:
     ingest = next(s for s in sections if s.startswith("Ingest"))
     for client in ("| sftp |", "| paramiko |", "| rclone |"):
         assert client in ingest
+    # … and against the stock asyncssh server, the ceiling of one event loop.
+    assert "| stock asyncssh MB/s |" in ingest
     assert (tmp_path / "latest.md").read_text().count("\n## ") >= 3
