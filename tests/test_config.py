@@ -109,6 +109,10 @@ def test_default_value_syntax(tmp_path):
             lambda t: t.replace("name: phone", "name: undone"),
             "sftp.users[0].name: 'undone' is reserved",
         ),
+        (
+            lambda t: t.replace("listen: 0.0.0.0:2222", "listen: 0.0.0.0:2222\n  ciphers: [rot13]"),
+            "sftp.ciphers[0]: unknown cipher 'rot13'",
+        ),
         (lambda t: t + "timezone: Mars/Olympus\n", "timezone: unknown time zone"),
         (lambda t: t.replace("0.0.0.0:9090", "nine"), "metrics.listen: expected HOST:PORT"),
     ],

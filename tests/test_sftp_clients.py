@@ -290,6 +290,30 @@ async def test_each_cipher_delivers_the_bytes_and_their_sha1(gate, client_key, t
     assert (row.sha1, row.size) == (sha1(data), size)
 
 
+async def test_offering_only_aes_gcm_makes_openssh_clients_use_it(
+    tmp_path, standin, host_keys_dir, client_key
+):
+    """`sftp.ciphers`: the client's own order picks the cipher, so an OpenSSH client that
+    prefers chacha20-poly1305 uses AES-GCM once that is all the server offers, and a client that
+    allows chacha20 only cannot connect."""
+    data = make_files(tmp_path, {"IMG_0001.JPG": 70_000})
+    only_gcm = ["aes128-gcm@openssh.com", "aes256-gcm@openssh.com"]
+    async with running_gate(tmp_path, standin, host_keys_dir, client_key, ciphers=only_gcm) as g:
+        result = await sftp_batch(
+            g.sftp.port, client_key, "put IMG_0001.JPG\n", tmp_path, extra=("-v",)
+        )
+        assert "client->server cipher: aes128-gcm@openssh.com" in result.stderr, result.stderr
+        refused = await sftp_batch(
+            g.sftp.port, client_key, "ls\n", tmp_path,
+            extra=("-v", "-c", "chacha20-poly1305@openssh.com"), check=False,
+        )  # fmt: skip
+        assert refused.returncode != 0
+        assert "no matching cipher" in refused.stderr, refused.stderr
+        await g.pipeline.wait_for(finished(1), timeout=60)
+        row = (await ledger_rows(g))[("phone", "IMG_0001.JPG")]
+        assert (row.sha1, row.size) == (sha1(data["IMG_0001.JPG"]), 70_000)
+
+
 async def test_openssh_put_f_flushes_each_file_and_delivers_it(gate, client_key, tmp_path):
     """`sftp -f` sends fsync@openssh.com before each CLOSE; it is answered while the part's own
     background sync may still run, and the file is delivered once, whole."""
