@@ -74,3 +74,6 @@ def setup_logging(fmt: str = "text", level: str = "info") -> None:
     # asyncssh logs every packet at debug and every connection at info: keep it to warnings.
     logging.getLogger("asyncssh").setLevel(max(logging.WARNING, root.level))
     logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
+    # watchfiles says "N changes detected" at info for every batch of inotify events: a line
+    # with no file, no stage and no outcome, dozens a second while a phone uploads.
+    logging.getLogger("watchfiles").setLevel(max(logging.WARNING, root.level))

@@ -54,3 +54,29 @@ async def test_a_service_run_logs_each_file_with_stage_and_outcome(gate, corpus,
         assert {"user", "path", "stage", "outcome"} <= set(r.fields), r.getMessage()
     text = "\n".join(JsonFormatter().format(r) for r in caplog.records)
     assert API_KEY not in text and PASSWORD not in text
+
+
+async def test_a_served_file_gives_only_event_lines_not_the_watchers_chatter(
+    tmp_path, standin, host_keys_dir, client_key, corpus
+):
+    """`sftpgate serve` at the info level; a photo arrives the way a share delivers it (a copy
+    into watch/), so the folder watcher sees it. Its own "N changes detected" lines stay out of
+    the log, which holds one line per event."""
+    import re
+    import shutil
+
+    from .conftest import eventually, gate_config
+    from .test_sftp_clients import ServerProcess
+
+    config = gate_config(tmp_path, standin.url, host_keys_dir, client_key)
+    async with ServerProcess(config) as server:
+        watch = tmp_path / "data" / "watch" / "phone"
+        shutil.copy(corpus / "jpeg/htc-desire-gps.jpg", tmp_path / "IMG_7.jpg")
+        (tmp_path / "IMG_7.jpg").rename(watch / "IMG_7.jpg")  # whole at once, as a share does
+
+        def delivered() -> bool:
+            return any(" delivered " in line and "path=IMG_7.jpg" in line for line in server.lines)
+
+        await eventually(delivered, timeout=60, what="IMG_7.jpg delivered")
+    chatter = [line for line in server.lines if re.search(r"\bchanges? detected", line)]
+    assert not chatter, chatter
