@@ -314,7 +314,7 @@ class SftpGateway:
             x11_forwarding=False,
             allow_pty=False,
             login_timeout=self.sftp.login_timeout_seconds,
-            encryption_algs=list(self.sftp.ciphers) or (),  # () = asyncssh's defaults
+            encryption_algs=self.sftp.ciphers,  # empty: asyncssh's defaults
             # Larger SSH packets and window help clients that use them (notes/sftp-bench.md §5).
             max_pktsize=256 * 1024,
             window=8 * 1024 * 1024,
