@@ -21,7 +21,7 @@ from PIL import Image, ImageDraw, ImageFilter
 
 from .config import load_config
 from .immich.standin import StandinState, start_standin
-from .ledger import Ledger
+from .ledger import Ledger, State
 from .server import Service
 
 
@@ -137,7 +137,8 @@ async def run_demo(keep: bool = False) -> int:
                             await f.write(data)
                         print(f"uploaded over SFTP: {path} ({len(data):,} bytes)")
                 await service.pipeline.wait_for(
-                    lambda c: c.get("done", 0) + c.get("undone", 0) >= len(samples), timeout=180
+                    lambda c: c.get(State.DONE, 0) + c.get(State.UNDONE, 0) >= len(samples),
+                    timeout=180,
                 )
                 _print_report(service, samples)
             finally:

@@ -45,7 +45,7 @@ import aiohttp
 from .config import Config, parse_listen
 from .intake import Intake, sha1_of_file
 from .layout import DataDirBusy, Layout, fsync_dir, lock_data_dir, move_durably
-from .ledger import ACTIVE_STATES, FINAL_STATES, Ledger, Original
+from .ledger import ACTIVE_STATES, FINAL_STATES, WAITING_STATES, Ledger, Original, Outcome
 from .logs import file_event
 from .metrics import Metrics
 from .server import start_stages
@@ -307,9 +307,8 @@ class Importer:
         if earlier is not None or sha1 in self.undone_sha1:
             # Already in the ledger (an earlier run, an SFTP upload): never sent twice.
             where = earlier.path if earlier else "undone/"
-            if earlier is not None and earlier.state != "received" and not self.keep:
+            if earlier is not None and not self.keep:
                 # Its bytes are delivered, or durably in watch/ and queued: the source may go.
-                # (A "received" row is a temporary upload name that may yet be abandoned.)
                 await loop.run_in_executor(None, _unlink_durably, full)
             report.skipped += 1
             file_event(
@@ -382,7 +381,7 @@ class Importer:
         while True:
             await self._collect(report)
             counts = await self.db(Ledger.count_unfinished)
-            others = sum(counts.get(s, 0) for s in ("queued", "optimizing", "uploading"))
+            others = sum(counts.get(s, 0) for s in WAITING_STATES)
             if self.interrupted.is_set() or (enough(len(self.pending)) and not (drain and others)):
                 return
             # Woken by any change of state in the ledger; the timeout only refreshes the display.
@@ -407,11 +406,11 @@ class Importer:
             return
         outcome = row.outcome or row.state
         report.outcomes[outcome] += 1
-        if outcome == "undone":
+        if outcome == Outcome.UNDONE:
             report.undone.append(f"{row.undone_path or rel}\n      {row.stage}: {row.reason}")
             self.display.line(f"undone    {rel}  {row.stage}: {row.reason}")
             return
-        if outcome in ("uploaded", "kept"):
+        if outcome in (Outcome.UPLOADED, Outcome.KEPT):
             report.bytes_in += row.size
             report.bytes_out += row.bytes_out or row.size
         self.display.line(

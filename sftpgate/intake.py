@@ -19,8 +19,9 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from .killpoints import kill_point
 from .layout import Layout, move_durably, unlink_if_same
-from .ledger import LedgerThread, Remembered
+from .ledger import LedgerThread, Original, Outcome, Remembered, State
 from .logs import file_event
 from .metrics import Metrics
 
@@ -115,29 +116,25 @@ class Intake:
         temporary = self.is_temporary(up.path)
         # A duplicate is recognised before it touches watch/, so a re-sent copy can never replace
         # an original that a worker is about to read.
-        if not temporary and await self._arrived(up.user, up.path, sha1, up.size, mtime):
-            up.staged.unlink(missing_ok=True)
-            return
+        if not temporary:
+            earlier = await self._earlier_delivery(up.user, sha1, up.size)
+            if earlier is not None:
+                await self._record_duplicate(up.user, up.path, sha1, up.size, mtime, earlier)
+                up.staged.unlink(missing_ok=True)
+                return
         # The file carries the client's mtime, so a rescan after a crash between the rename and
         # the ledger insert below still knows it.
         os.utime(up.staged, (mtime, mtime))
         target = self.layout.watch_file(up.user, up.path)
-        previous = await self.db(lambda db: db.active_for_path(up.user, up.path))
+        kill_point("move_into_watch:before")
         await loop.run_in_executor(None, move_durably, up.staged, target)
         inode = target.stat().st_ino
-        if previous is not None and previous.state in ("received", "queued"):
-            # Overwritten before any work started: the newer bytes are the ones to deliver.
-            await self.db(lambda db: db.delete(previous.id))
+        # Either insert also drops a waiting row of the same path in its transaction: the newer
+        # bytes are the ones to deliver (work already under way is protected by its inode).
         if temporary:
             await self.db(
-                lambda db: db.insert(
-                    user=up.user,
-                    path=up.path,
-                    state="received",
-                    sha1=sha1,
-                    size=up.size,
-                    mtime=mtime,
-                    inode=inode,
+                lambda db: db.record_received(
+                    user=up.user, path=up.path, sha1=sha1, size=up.size, mtime=mtime, inode=inode
                 )
             )
             file_event(
@@ -152,21 +149,30 @@ class Intake:
         await self._queue(up.user, up.path, sha1, up.size, mtime, inode)
 
     async def renamed(self, user: str, old: str, new: str) -> None:
-        """The SFTP layer renamed a file inside watch/: follow it, and finish a temporary upload."""
+        """The SFTP layer renamed a file inside watch/: follow it, and finish a temporary upload.
+
+        Each case is one ledger step, so at no instant is the file in watch/ under its new name
+        without a row naming that path (a folder scan in between would adopt it a second time).
+        """
         row = await self.db(lambda db: db.active_for_path(user, old))
         if row is None:
             await self.db(lambda db: db.rename_remembered(user, old, new))
             return
-        replaced = await self.db(lambda db: db.active_for_path(user, new))
-        if replaced is not None and replaced.state in ("received", "queued"):
-            # Renamed over a file that was still waiting: the newer bytes are the ones to deliver
-            # (work already under way is protected by the inode check instead).
-            await self.db(lambda db: db.delete(replaced.id))
-        await self.db(lambda db: db.update(row.id, path=new))
-        if row.state == "received" and not self.is_temporary(new):
+        if row.state != State.RECEIVED or self.is_temporary(new):
+            await self.db(lambda db: db.follow_rename(row.id, user, new))
+            return
+        earlier = await self._earlier_delivery(user, row.sha1, row.size)
+        if earlier is not None:
+            await self.db(lambda db: db.rename_to_duplicate(row.id, user, new, earlier))
+            self._log_duplicate(user, new, earlier)
             target = self.layout.watch_file(user, new)
-            await self.db(lambda db: db.delete(row.id))
-            await self._admit(user, new, target, row.sha1, row.size, row.mtime, row.inode)
+            await asyncio.get_running_loop().run_in_executor(
+                None, unlink_if_same, target, row.inode
+            )
+            return
+        await self.db(lambda db: db.rename_to_final(row.id, user, new))
+        file_event("queued", user=user, path=new, stage="receive", outcome="queued", size=row.size)
+        self.wake()
 
     async def set_mtime(self, user: str, path: str, mtime: float) -> bool:
         return await self.db(lambda db: db.set_mtime(user, path, mtime))
@@ -174,8 +180,8 @@ class Intake:
     async def removed(self, user: str, path: str) -> None:
         """The client removed a file that was still waiting in watch/: nothing left to deliver."""
         row = await self.db(lambda db: db.active_for_path(user, path))
-        if row is not None and row.state in ("received", "queued"):
-            await self.db(lambda db: db.delete(row.id))
+        if row is not None and row.state in (State.RECEIVED, State.QUEUED):
+            await self.db(lambda db: db.remove_waiting(row.id))
             file_event(
                 "removed",
                 user=user,
@@ -211,36 +217,33 @@ class Intake:
         mtime: float,
         inode: int | None,
     ) -> None:
-        """A complete original already in watch/ (renamed from a temporary name, or scanned)."""
-        if await self._arrived(user, path, sha1, size, mtime):
+        """A complete original already in watch/ (scanned, or copied in by `import`)."""
+        earlier = await self._earlier_delivery(user, sha1, size)
+        if earlier is not None:
+            await self._record_duplicate(user, path, sha1, size, mtime, earlier)
             await asyncio.get_running_loop().run_in_executor(None, unlink_if_same, target, inode)
             return
         await self._queue(user, path, sha1, size, mtime, inode)
 
-    async def _arrived(self, user: str, path: str, sha1: str, size: int, mtime: float) -> bool:
-        """Count a complete original. If this user already delivered the same bytes (reinstalled
-        phone, reset sync database, renamed file), record it as a duplicate — remembered for
-        listings, never sent — and return True."""
+    async def _earlier_delivery(self, user: str, sha1: str, size: int) -> Original | None:
+        """Count a complete original, and find an earlier original of this user with the same
+        bytes (reinstalled phone, reset sync database, renamed file): it is not sent again."""
         self.metrics.received_files.inc()
         self.metrics.received_bytes.inc(size)
-        earlier = await self.db(lambda db: db.delivered_with_sha1(user, sha1))
-        if earlier is None:
-            return False
+        return await self.db(lambda db: db.delivered_with_sha1(user, sha1))
+
+    async def _record_duplicate(
+        self, user: str, path: str, sha1: str, size: int, mtime: float, earlier: Original
+    ) -> None:
         await self.db(
-            lambda db: db.insert(
-                user=user,
-                path=path,
-                state="done",
-                outcome="duplicate",
-                sha1=sha1,
-                size=size,
-                mtime=mtime,
-                inode=None,
-                asset_id=earlier.asset_id,
-                reason=f"same bytes as {earlier.path}, already delivered",
+            lambda db: db.record_duplicate(
+                user=user, path=path, sha1=sha1, size=size, mtime=mtime, same_as=earlier
             )
         )
-        self.metrics.processed_files.labels(outcome="duplicate").inc()
+        self._log_duplicate(user, path, earlier)
+
+    def _log_duplicate(self, user: str, path: str, earlier: Original) -> None:
+        self.metrics.processed_files.labels(outcome=Outcome.DUPLICATE).inc()
         file_event(
             "duplicate",
             user=user,
@@ -249,14 +252,13 @@ class Intake:
             outcome="duplicate",
             same_as=earlier.path,
         )
-        return True
 
     async def _queue(
         self, user: str, path: str, sha1: str, size: int, mtime: float, inode: int | None
     ) -> None:
         await self.db(
-            lambda db: db.insert(
-                user=user, path=path, state="queued", sha1=sha1, size=size, mtime=mtime, inode=inode
+            lambda db: db.record_queued(
+                user=user, path=path, sha1=sha1, size=size, mtime=mtime, inode=inode
             )
         )
         file_event("queued", user=user, path=path, stage="receive", outcome="queued", size=size)
@@ -267,8 +269,11 @@ class Intake:
         data and will send it again; keeping them would only fill the disk."""
         rows = await self.db(lambda db: db.abandoned_temporaries(time.time() - max_age_seconds))
         for row in rows:
+            # The file goes first: a crash before the row's removal leaves a received row
+            # without its file, which start-up drops; the other order could leave a file that
+            # no row names and no scan takes (a temporary name).
             unlink_if_same(self.layout.watch_file(row.user, row.path), row.inode)
-            await self.db(lambda db, r=row: db.delete(r.id))
+            await self.db(lambda db, r=row: db.drop_abandoned(r.id))
             file_event(
                 "abandoned",
                 user=row.user,

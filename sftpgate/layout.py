@@ -32,6 +32,11 @@ class Layout:
     def ledger(self) -> Path:
         return self.root / "sftpgate.db"
 
+    @property
+    def control(self) -> Path:
+        """The running service's control socket (control.py)."""
+        return self.root / "sftpgate.sock"
+
     def user_root(self, user: str) -> Path:
         return self.watch / user
 

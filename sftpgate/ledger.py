@@ -1,7 +1,11 @@
-"""The ledger: one SQLite row per original, the single source of truth for its state.
+"""The ledger: one SQLite row per original, the single owner of its state and of every step that
+moves it on.
 
-States (SPEC §6) and the action each one guards — a state is committed *before* its action, so a
-crash at any instant leaves a row that says what to do next (docs/ledger.md has the full table):
+Each arrow of the state diagram is one method below, one committed transaction, guarded by the
+state it leaves (`UPDATE … WHERE id = ? AND state IN (…)`): a step taken from the wrong state raises
+`TransitionError` instead of silently rewriting a row. A state is committed *before* the action it
+guards, so a crash at any instant leaves a row that says what to do next (docs/ledger.md has the
+whole table, one row per step, and what start-up does after a crash on either side of it):
 
     received    landed in watch/ under a temporary name; waits for the rename to a final name
     queued      complete original in watch/, waiting (or waiting to retry after next_attempt_at)
@@ -18,21 +22,55 @@ the SHA-1 index that recognises a photo delivered twice.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import sqlite3
 import time
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, fields
+from enum import StrEnum
 from pathlib import Path
 from typing import TypeVar
+
+from .killpoints import kill_point
 
 T = TypeVar("T")
 
 _MAX_CHAR = "\U0010ffff"  # sorts after every other character (SQLite compares UTF-8 bytes)
 
-ACTIVE_STATES = ("received", "queued", "optimizing", "uploading")
-FINAL_STATES = ("done", "undone")
-OUTCOMES = ("uploaded", "kept", "duplicate", "undone")
+
+class State(StrEnum):
+    RECEIVED = "received"
+    QUEUED = "queued"
+    OPTIMIZING = "optimizing"
+    UPLOADING = "uploading"
+    DONE = "done"
+    UNDONE = "undone"
+
+
+class Outcome(StrEnum):
+    """How a finished original ended (the `outcome` column of done and undone rows)."""
+
+    UPLOADED = "uploaded"  # converted, and the converted file is in Immich
+    KEPT = "kept"  # sent as it was
+    DUPLICATE = "duplicate"  # the same bytes were already delivered: not sent again
+    UNDONE = "undone"
+
+
+ACTIVE_STATES = (State.RECEIVED, State.QUEUED, State.OPTIMIZING, State.UPLOADING)
+FINAL_STATES = (State.DONE, State.UNDONE)
+# Complete originals on their way to Immich (what the queue gauge counts).
+WAITING_STATES = (State.QUEUED, State.OPTIMIZING, State.UPLOADING)
+
+
+class TransitionError(RuntimeError):
+    """A step was asked of a row that is not in a state it may leave from: a bug, said loudly."""
+
+
+def _sql(values: tuple[str, ...]) -> str:
+    """`('a','b')` for `IN`: state names are this module's own constants, never user input."""
+    return "(" + ",".join(f"'{v}'" for v in values) + ")"
+
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS originals (
@@ -73,8 +111,8 @@ class Original:
     id: int
     user: str
     path: str
-    state: str
-    outcome: str | None
+    state: State
+    outcome: Outcome | None
     sha1: str
     size: int
     mtime: float
@@ -98,6 +136,15 @@ class Original:
 
 
 _COLUMNS = [f.name for f in fields(Original)]
+
+
+def _original(values: tuple[object, ...]) -> Original:
+    row = Original(*values)  # type: ignore[arg-type]
+    row.state = State(row.state)
+    row.outcome = Outcome(row.outcome) if row.outcome else None
+    return row
+
+
 _SELECT = f"SELECT {', '.join(_COLUMNS)} FROM originals"
 
 
@@ -117,9 +164,18 @@ class Remembered:
 class Ledger:
     """Synchronous access to the ledger. The service calls it from one dedicated thread."""
 
-    def __init__(self, path: Path) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
+    def __init__(self, path: Path, *, readonly: bool = False) -> None:
+        """`readonly`: for a reader beside the running service (`sftpgate status`, tests). It
+        changes nothing, not even the schema, so it can never take a write lock the service
+        is waiting for; WAL mode lets it read while the service commits."""
         self.path = path
+        if readonly:
+            self._db = sqlite3.connect(
+                f"file:{path}?mode=ro", uri=True, isolation_level=None, check_same_thread=False
+            )
+            self._db.execute("PRAGMA busy_timeout=10000")
+            return
+        path.parent.mkdir(parents=True, exist_ok=True)
         self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
         self._db.execute("PRAGMA journal_mode=WAL")
         # FULL: a commit is on disk before the action it guards (deleting an original) happens,
@@ -149,7 +205,7 @@ class Ledger:
     # -- reading -----------------------------------------------------------------------------
 
     def _rows(self, where: str, args: Iterable[object] = ()) -> list[Original]:
-        return [Original(*r) for r in self._db.execute(f"{_SELECT} {where}", tuple(args))]
+        return [_original(r) for r in self._db.execute(f"{_SELECT} {where}", tuple(args))]
 
     def get(self, row_id: int) -> Original | None:
         rows = self._rows("WHERE id = ?", (row_id,))
@@ -157,7 +213,7 @@ class Ledger:
 
     def active_for_path(self, user: str, path: str) -> Original | None:
         rows = self._rows(
-            f"WHERE user = ? AND path = ? AND state IN {ACTIVE_STATES} ORDER BY id DESC LIMIT 1",
+            f"WHERE user = ? AND path = ? AND state IN {_sql(ACTIVE_STATES)} ORDER BY id DESC LIMIT 1",
             (user, path),
         )
         return rows[0] if rows else None
@@ -165,14 +221,16 @@ class Ledger:
     def active_paths(self) -> set[tuple[str, str]]:
         """(user, path) of every original not finished yet: one query for a whole folder scan."""
         return set(
-            self._db.execute(f"SELECT user, path FROM originals WHERE state IN {ACTIVE_STATES}")
+            self._db.execute(
+                f"SELECT user, path FROM originals WHERE state IN {_sql(ACTIVE_STATES)}"
+            )
         )
 
     def due(self, now: float, limit: int, exclude: Iterable[int] = ()) -> list[Original]:
         """Originals ready for work: queued and due, oldest first."""
         skip = tuple(exclude) or (-1,)
         return self._rows(
-            f"WHERE state = 'queued' AND next_attempt_at <= ? AND id NOT IN {_marks(skip)}"
+            f"WHERE state = '{State.QUEUED}' AND next_attempt_at <= ? AND id NOT IN {_marks(skip)}"
             " ORDER BY next_attempt_at, id LIMIT ?",
             (now, *skip, limit),
         )
@@ -182,19 +240,22 @@ class Ledger:
         skip = tuple(exclude) or (-1,)
         row = self._db.execute(
             "SELECT MIN(next_attempt_at) FROM originals"
-            f" WHERE state = 'queued' AND id NOT IN {_marks(skip)}",
+            f" WHERE state = '{State.QUEUED}' AND id NOT IN {_marks(skip)}",
             skip,
         ).fetchone()
         return row[0]
 
     def unfinished(self) -> list[Original]:
         """Rows a crash may have interrupted (everything not final)."""
-        return self._rows(f"WHERE state IN {ACTIVE_STATES} ORDER BY id")
+        return self._rows(f"WHERE state IN {_sql(ACTIVE_STATES)} ORDER BY id")
 
     def delivered_with_sha1(self, user: str, sha1: str) -> Original | None:
-        """An earlier original of this user with the same bytes that reached Immich or is on its way."""
+        """An earlier original of this user with the same bytes that reached Immich or is on its
+        way (queued or further: a temporary upload may yet be abandoned, and is not one)."""
+        states = (State.QUEUED, State.OPTIMIZING, State.UPLOADING, State.DONE)
         rows = self._rows(
-            "WHERE user = ? AND sha1 = ? AND state != 'undone' ORDER BY id LIMIT 1", (user, sha1)
+            f"WHERE user = ? AND sha1 = ? AND state IN {_sql(states)} ORDER BY id LIMIT 1",
+            (user, sha1),
         )
         return rows[0] if rows else None
 
@@ -244,10 +305,10 @@ class Ledger:
         """Rows by state for every state but `done`: one index range per state, so it stays
         fast however many files were delivered (counting `done` too reads every remembered row:
         119 ms at 1,000,000, and the pipeline refreshes its gauges twice per file)."""
-        states = (*ACTIVE_STATES, "undone")
+        states = (*ACTIVE_STATES, State.UNDONE)
         return dict(
             self._db.execute(
-                f"SELECT state, COUNT(*) FROM originals WHERE state IN {states} GROUP BY state"
+                f"SELECT state, COUNT(*) FROM originals WHERE state IN {_sql(states)} GROUP BY state"
             )
         )
 
@@ -262,56 +323,262 @@ class Ledger:
         """(original bytes, bytes sent) over everything that reached Immich."""
         row = self._db.execute(
             "SELECT COALESCE(SUM(size), 0), COALESCE(SUM(bytes_out), 0) FROM originals"
-            " WHERE state = 'done' AND outcome IN ('uploaded', 'kept')"
+            f" WHERE state = '{State.DONE}' AND outcome IN {_sql((Outcome.UPLOADED, Outcome.KEPT))}"
         ).fetchone()
         return int(row[0]), int(row[1])
 
     def abandoned_temporaries(self, before: float) -> list[Original]:
         """Uploads under a temporary name that were never renamed to a final one."""
-        return self._rows("WHERE state = 'received' AND updated_at < ? ORDER BY id", (before,))
+        return self._rows(
+            f"WHERE state = '{State.RECEIVED}' AND updated_at < ? ORDER BY id", (before,)
+        )
 
     def undone(self) -> list[Original]:
-        return self._rows("WHERE state = 'undone' ORDER BY id")
+        return self._rows(f"WHERE state = '{State.UNDONE}' ORDER BY id")
 
     def iter_all(self) -> Iterator[Original]:
         yield from self._rows("ORDER BY id")
 
-    # -- writing (each call is one committed transaction) -------------------------------------
+    # -- the state machine: one method per arrow, each one committed transaction -------------
+    #
+    # `_step` runs one guarded UPDATE; `_insert` and `_remove` the same for a row that begins or
+    # ends. Each names its step, and a kill point surrounds every commit (killpoints.py), so the
+    # crash tests can stop the process right before and right after any of them.
 
-    def insert(
-        self,
-        *,
-        user: str,
-        path: str,
-        state: str,
-        sha1: str,
-        size: int,
-        mtime: float,
-        inode: int | None,
-        outcome: str | None = None,
-        asset_id: str | None = None,
-        reason: str | None = None,
-    ) -> int:
-        now = time.time()
-        cur = self._db.execute(
-            "INSERT INTO originals (user, path, state, outcome, sha1, size, mtime, inode,"
-            " received_at, updated_at, asset_id, reason) VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
-            (user, path, state, outcome, sha1, size, mtime, inode, now, now, asset_id, reason),
+    def _step(self, step: str, row_id: int, leaves: tuple[State, ...], **values: object) -> None:
+        kill_point(f"{step}:before")
+        self._update(step, row_id, leaves, **values)
+        kill_point(f"{step}:after")
+
+    def _refuse(self, step: str, row_id: int, leaves: tuple[State, ...]) -> None:
+        found = self._db.execute("SELECT state FROM originals WHERE id = ?", (row_id,)).fetchone()
+        now = f"is {found[0]}" if found else "does not exist"
+        raise TransitionError(
+            f"{step}: row {row_id} {now}; this step leaves only {', '.join(leaves)}"
         )
+
+    def _insert(self, step: str, state: State, overwrites: bool, **values: object) -> int:
+        """A new row; with `overwrites`, in the same transaction, the end of the rows still
+        waiting at its path (their file was just replaced by this one's)."""
+        now = time.time()
+        values |= {"state": state, "received_at": now, "updated_at": now}
+        kill_point(f"{step}:before")
+        with self._transaction():
+            if overwrites:
+                self._drop_waiting_at(str(values["user"]), str(values["path"]), keep=None)
+            cur = self._db.execute(
+                f"INSERT INTO originals ({', '.join(values)}) VALUES {_marks(tuple(values))}",
+                tuple(values.values()),
+            )
+        kill_point(f"{step}:after")
         return int(cur.lastrowid or 0)
 
-    def update(self, row_id: int, **values: object) -> None:
-        unknown = set(values) - set(_COLUMNS)
-        if unknown:
-            raise KeyError(f"unknown ledger columns: {sorted(unknown)}")
+    def _remove(self, step: str, row_id: int, leaves: tuple[State, ...]) -> None:
+        kill_point(f"{step}:before")
+        self._delete(step, row_id, leaves)
+        kill_point(f"{step}:after")
+
+    def _update(self, step: str, row_id: int, leaves: tuple[State, ...], **values: object) -> None:
         values["updated_at"] = time.time()
         assignments = ", ".join(f"{k} = ?" for k in values)
+        cur = self._db.execute(
+            f"UPDATE originals SET {assignments} WHERE id = ? AND state IN {_sql(leaves)}",
+            (*values.values(), row_id),
+        )
+        if cur.rowcount != 1:
+            self._refuse(step, row_id, leaves)
+
+    def _delete(self, step: str, row_id: int, leaves: tuple[State, ...]) -> None:
+        cur = self._db.execute(
+            f"DELETE FROM originals WHERE id = ? AND state IN {_sql(leaves)}", (row_id,)
+        )
+        if cur.rowcount != 1:
+            self._refuse(step, row_id, leaves)
+
+    @contextlib.contextmanager
+    def _transaction(self) -> Iterator[None]:
+        self._db.execute("BEGIN IMMEDIATE")
+        try:
+            yield
+        except BaseException:
+            self._db.execute("ROLLBACK")
+            raise
+        self._db.execute("COMMIT")
+
+    def _drop_waiting_at(self, user: str, path: str, keep: int | None) -> None:
+        """Rows at `path` that no work has started on: the file they named was overwritten, and
+        the newer bytes are the ones to deliver. Work already under way goes on with its own
+        file's inode check, which keeps it from ever deleting the newer file."""
         self._db.execute(
-            f"UPDATE originals SET {assignments} WHERE id = ?", (*values.values(), row_id)
+            "DELETE FROM originals WHERE user = ? AND path = ? AND id != ?"
+            f" AND state IN {_sql((State.RECEIVED, State.QUEUED))}",
+            (user, path, -1 if keep is None else keep),
         )
 
-    def delete(self, row_id: int) -> None:
-        self._db.execute("DELETE FROM originals WHERE id = ?", (row_id,))
+    # Arrivals (intake). An arrival under a name that a waiting row holds overwrote that row's
+    # file: both happen in one transaction, so no instant has both rows or neither.
+
+    def record_received(
+        self, *, user: str, path: str, sha1: str, size: int, mtime: float, inode: int,
+    ) -> int:  # fmt: skip
+        """An upload closed under a temporary name: it waits for the rename to a final one."""
+        return self._insert(
+            "record_received", State.RECEIVED, True,
+            user=user, path=path, sha1=sha1, size=size, mtime=mtime, inode=inode,
+        )  # fmt: skip
+
+    def record_queued(
+        self, *, user: str, path: str, sha1: str, size: int, mtime: float, inode: int | None,
+    ) -> int:  # fmt: skip
+        """A complete original in watch/, to be delivered."""
+        return self._insert(
+            "record_queued", State.QUEUED, True,
+            user=user, path=path, sha1=sha1, size=size, mtime=mtime, inode=inode,
+        )  # fmt: skip
+
+    def record_duplicate(
+        self, *, user: str, path: str, sha1: str, size: int, mtime: float, same_as: Original
+    ) -> int:
+        """Bytes this user already delivered: remembered for listings, never sent again."""
+        return self._insert(
+            "record_duplicate", State.DONE, False,
+            user=user, path=path, sha1=sha1, size=size, mtime=mtime, outcome=Outcome.DUPLICATE,
+            asset_id=same_as.asset_id, reason=f"same bytes as {same_as.path}, already delivered",
+        )  # fmt: skip
+
+    def rename_to_final(self, row_id: int, user: str, path: str) -> None:
+        """received → queued: the temporary upload was renamed to a final name."""
+        kill_point("rename_to_final:before")
+        with self._transaction():
+            self._drop_waiting_at(user, path, keep=row_id)
+            self._update(
+                "rename_to_final", row_id, (State.RECEIVED,), state=State.QUEUED, path=path
+            )
+        kill_point("rename_to_final:after")
+
+    def rename_to_duplicate(self, row_id: int, user: str, path: str, same_as: Original) -> None:
+        """received → done (duplicate): renamed to a final name, and its bytes were delivered."""
+        kill_point("rename_to_duplicate:before")
+        with self._transaction():
+            self._drop_waiting_at(user, path, keep=row_id)
+            self._update(
+                "rename_to_duplicate", row_id, (State.RECEIVED,),
+                state=State.DONE, outcome=Outcome.DUPLICATE, path=path, inode=None,
+                asset_id=same_as.asset_id,
+                reason=f"same bytes as {same_as.path}, already delivered",
+            )  # fmt: skip
+        kill_point("rename_to_duplicate:after")
+
+    def follow_rename(self, row_id: int, user: str, path: str) -> None:
+        """The client renamed a file still on its way (same state, new path)."""
+        kill_point("follow_rename:before")
+        with self._transaction():
+            self._drop_waiting_at(user, path, keep=row_id)
+            self._update("follow_rename", row_id, ACTIVE_STATES, path=path)
+        kill_point("follow_rename:after")
+
+    def remove_waiting(self, row_id: int) -> None:
+        """The client removed a file before any work started: nothing left to deliver."""
+        self._remove("remove_waiting", row_id, (State.RECEIVED, State.QUEUED))
+
+    def drop_abandoned(self, row_id: int) -> None:
+        """A temporary upload never renamed within a day (its file is removed after this)."""
+        self._remove("drop_abandoned", row_id, (State.RECEIVED,))
+
+    def drop_lost(self, row_id: int) -> None:
+        """Start-up found neither the original nor bytes to send: nothing is left to deliver."""
+        self._remove("drop_lost", row_id, ACTIVE_STATES)
+
+    # Delivery (pipeline).
+
+    def start_optimizing(self, row_id: int) -> None:
+        """queued → optimizing: a worker converts it (again, after a crash or a retry)."""
+        self._step(
+            "start_optimizing", row_id, (State.QUEUED,),
+            state=State.OPTIMIZING, upload_sha1=None, work_path=None,
+        )  # fmt: skip
+
+    def fix_bytes(
+        self, row_id: int, *, kind: str, reason: str, work_path: str | None, upload_name: str,
+        upload_sha1: str, bytes_out: int, captured_at: str | None,
+    ) -> None:  # fmt: skip
+        """optimizing → uploading: from now on the bytes sent for this row never change."""
+        self._step(
+            "fix_bytes", row_id, (State.OPTIMIZING,),
+            state=State.UPLOADING, kind=kind, reason=reason, work_path=work_path,
+            upload_name=upload_name, upload_sha1=upload_sha1, bytes_out=bytes_out,
+            captured_at=captured_at,
+        )  # fmt: skip
+
+    def resume_upload(self, row_id: int) -> None:
+        """queued → uploading: the bytes were fixed before a crash or a retry; send them again."""
+        self._step("resume_upload", row_id, (State.QUEUED,), state=State.UPLOADING)
+
+    def confirm_asset(self, row_id: int, asset_id: str) -> None:
+        """Immich answered with an asset id (still uploading): only now may the original go."""
+        self._step("confirm_asset", row_id, (State.UPLOADING,), asset_id=asset_id)
+
+    def finish(self, row_id: int, outcome: Outcome) -> None:
+        """uploading → done, once the original and the converted file are deleted."""
+        self._step(
+            "finish", row_id, (State.UPLOADING,), state=State.DONE, outcome=outcome, work_path=None
+        )
+
+    def retry_later(
+        self, row_id: int, *, attempts: int, first_failure_at: float, next_attempt_at: float,
+        stage: str, reason: str,
+    ) -> None:  # fmt: skip
+        """→ queued with back-off: a transient failure (Immich away, a full disk, a bug)."""
+        self._step(
+            "retry_later", row_id, WAITING_STATES,
+            state=State.QUEUED, attempts=attempts, first_failure_at=first_failure_at,
+            next_attempt_at=next_attempt_at, stage=stage, reason=reason,
+        )  # fmt: skip
+
+    def park(self, row_id: int) -> None:
+        """Shutdown: work in flight goes back to the queue. A row whose asset id is committed
+        stays uploading (start-up only finishes its cleanup); a queued one is left as it is, and
+        so is one that finished or was dropped while the shutdown reached it."""
+        found = self._db.execute("SELECT state FROM originals WHERE id = ?", (row_id,)).fetchone()
+        if found is None or found[0] not in WAITING_STATES:
+            return
+        self._step(
+            "park", row_id, WAITING_STATES,
+            state=State.QUEUED if self._lacks_asset(row_id) else State.UPLOADING,
+        )  # fmt: skip
+
+    def _lacks_asset(self, row_id: int) -> bool:
+        row = self._db.execute("SELECT asset_id FROM originals WHERE id = ?", (row_id,)).fetchone()
+        return row is None or row[0] is None
+
+    def choose_undone_path(
+        self, row_id: int, undone_path: str, stage: str, reason: str, kind: str | None,
+        attempts: int,
+    ) -> None:  # fmt: skip
+        """Failed for good: where in undone/ the original goes, and why, before it moves there.
+        From this commit on the move is decided: start-up completes it, never retries the row."""
+        self._step(
+            "choose_undone_path", row_id, WAITING_STATES,
+            undone_path=undone_path, stage=stage, reason=reason, kind=kind, attempts=attempts,
+        )  # fmt: skip
+
+    def mark_undone(self, row_id: int) -> None:
+        """→ undone: the original is in undone/ at `undone_path`, beside its sidecar."""
+        self._step(
+            "mark_undone", row_id, WAITING_STATES,
+            state=State.UNDONE, outcome=Outcome.UNDONE, work_path=None,
+        )  # fmt: skip
+
+    def requeue_undone(self, row_id: int, inode: int) -> None:
+        """undone → queued (`sftpgate retry`): the original is back in watch/, tried afresh."""
+        self._step(
+            "requeue_undone", row_id, (State.UNDONE,),
+            state=State.QUEUED, outcome=None, attempts=0, first_failure_at=None,
+            next_attempt_at=time.time(), stage=None, reason=None, work_path=None,
+            upload_sha1=None, inode=inode, undone_path=None,
+        )  # fmt: skip
+
+    # -- what the client does to remembered files (no state changes) -------------------------
 
     def set_mtime(self, user: str, path: str, mtime: float) -> bool:
         """setstat on a remembered or waiting file: the latest row for that path takes the time."""
@@ -326,7 +593,7 @@ class Ledger:
         """The client removed a remembered file: hide it from listings (Immich is never touched)."""
         cur = self._db.execute(
             f"UPDATE originals SET forgotten = 1, updated_at = ? WHERE user = ? AND path = ?"
-            f" AND forgotten = 0 AND state NOT IN {ACTIVE_STATES}",
+            f" AND forgotten = 0 AND state NOT IN {_sql(ACTIVE_STATES)}",
             (time.time(), user, path),
         )
         return cur.rowcount > 0
@@ -334,7 +601,7 @@ class Ledger:
     def rename_remembered(self, user: str, old: str, new: str) -> bool:
         cur = self._db.execute(
             f"UPDATE originals SET path = ?, updated_at = ? WHERE user = ? AND path = ?"
-            f" AND forgotten = 0 AND state NOT IN {ACTIVE_STATES}",
+            f" AND forgotten = 0 AND state NOT IN {_sql(ACTIVE_STATES)}",
             (new, time.time(), user, old),
         )
         return cur.rowcount > 0

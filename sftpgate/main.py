@@ -73,19 +73,27 @@ def cmd_hash_password(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    from .status import collect_status, format_status
+    from .status import NoLedger, collect_status, format_status
 
     config = _load(args)
-    report = _run(collect_status(config))
+    try:
+        report = _run(collect_status(config))
+    except NoLedger as exc:
+        print(f"sftpgate status: {exc}", file=sys.stderr)
+        return 2
     print(json.dumps(report, indent=2) if args.json else format_status(report))
     return 0
 
 
 def cmd_retry(args: argparse.Namespace) -> int:
-    from .status import retry_undone
+    from .status import RetryRefused, retry_undone
 
     config = _load(args)
-    moved = retry_undone(config, args.paths)
+    try:
+        moved = retry_undone(config, args.paths)
+    except RetryRefused as exc:
+        print(f"sftpgate retry: {exc}", file=sys.stderr)
+        return 2
     for line in moved:
         print(f"queued again: {line}")
     if not moved:

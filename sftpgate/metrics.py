@@ -19,7 +19,7 @@ from prometheus_client import (
 )
 
 from . import __version__
-from .ledger import OUTCOMES
+from .ledger import Outcome
 
 STAGES = ("optimize", "upload")
 _DURATION_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 900, 3600)
@@ -75,7 +75,7 @@ class Metrics:
         )
         self.build_info.labels(version=__version__).set(1)
         # Labelled series start at 0 so dashboards and rate() see them before the first event.
-        for outcome in OUTCOMES:
+        for outcome in Outcome:
             self.processed_files.labels(outcome=outcome)
         for stage in STAGES:
             self.stage_duration.labels(stage=stage)

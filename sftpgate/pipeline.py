@@ -22,11 +22,21 @@ from zoneinfo import ZoneInfo
 from .config import Config
 from .immich.client import ImmichClient, PermanentImmichError, TransientImmichError
 from .intake import sha1_of_file
+from .killpoints import kill_point
 from .layout import Layout, fsync_dir, move_durably, unlink_if_same
-from .ledger import Ledger, LedgerThread, Original
+from .ledger import (
+    WAITING_STATES,
+    Ledger,
+    LedgerThread,
+    Original,
+    Outcome,
+    State,
+    TransitionError,
+)
 from .logs import event, file_event
 from .metrics import Metrics
 from .optimize import OptimizeResult, optimize_file
+from .status import finish_interrupted_retries
 from .workers import CodecPool, CodecWorkerError
 
 
@@ -63,38 +73,65 @@ class Pipeline:
         self._progress.set()
 
     async def recover(self) -> None:
-        """Finish what a crash interrupted; every branch is safe to run twice."""
+        """Finish what a crash interrupted: one function per state the row was left in, each
+        safe to run twice (docs/ledger.md says what each finds)."""
+        recover = {
+            State.RECEIVED: self._recover_received,
+            State.QUEUED: self._recover_waiting,
+            State.OPTIMIZING: self._recover_optimizing,
+            State.UPLOADING: self._recover_uploading,
+        }
+        for row in await self.db(lambda db: finish_interrupted_retries(db, self.layout)):
+            file_event("retry", user=row.user, path=row.path, stage="receive", outcome="queued")
         for row in await self.db(lambda db: db.unfinished()):
-            watch_file = self.layout.watch_file(row.user, row.path)
-            if row.state == "uploading" and row.asset_id:
-                await self._finish_done(row)  # Immich confirmed before the crash
-            elif row.state == "received":
-                if not watch_file.exists():
-                    await self.db(lambda db, r=row: db.delete(r.id))
-            elif not _same_file(watch_file, row.inode) and not _work_ready(row):
-                if row.undone_path and _same_file(Path(row.undone_path), row.inode):
-                    # The move to undone/ happened, its commit did not.
-                    await self.db(
-                        lambda db, r=row: db.update(r.id, state="undone", outcome="undone")
-                    )
-                else:
-                    await self.db(lambda db, r=row: db.delete(r.id))
-                    file_event(
-                        "lost",
-                        level=30,
-                        user=row.user,
-                        path=row.path,
-                        stage=row.state,
-                        outcome="original vanished from watch/",
-                    )
-            elif row.state in ("optimizing", "uploading"):
-                await self.db(lambda db, r=row: db.update(r.id, state="queued"))
+            await recover[row.state](row)
         # Optimized files nobody waits for any more (their row finished or was removed).
         wanted = {r.work_path for r in await self.db(lambda db: db.unfinished()) if r.work_path}
         for leftover in self.layout.work.iterdir():
             if str(leftover) not in wanted:
                 leftover.unlink(missing_ok=True)
         await self.refresh_gauges()
+
+    async def _recover_received(self, row: Original) -> None:
+        """A temporary upload waits for its rename unless its file is gone."""
+        if not _same_file(self.layout.watch_file(row.user, row.path), row.inode):
+            await self._drop_lost(row)
+
+    async def _recover_waiting(self, row: Original) -> bool:
+        """Queued, or the common part of optimizing and uploading: finish a move to undone/
+        that was decided, drop a row whose bytes are gone; True if the row goes on."""
+        if row.undone_path:
+            await self._complete_undone(row)
+            return False
+        has_original = _same_file(self.layout.watch_file(row.user, row.path), row.inode)
+        if not has_original and not _work_ready(row):
+            await self._drop_lost(row)
+            return False
+        return True
+
+    async def _recover_optimizing(self, row: Original) -> None:
+        """The conversion was cut off: it runs again."""
+        if await self._recover_waiting(row):
+            await self.db(lambda db: db.park(row.id))
+
+    async def _recover_uploading(self, row: Original) -> None:
+        """Immich confirmed: finish the cleanup. Otherwise the same bytes are sent again, and
+        Immich's checksum check answers "duplicate" if the first send had reached it."""
+        if row.asset_id:
+            await self._finish_done(row)
+        elif await self._recover_waiting(row):
+            await self.db(lambda db: db.park(row.id))
+
+    async def _drop_lost(self, row: Original) -> None:
+        await self.db(lambda db: db.drop_lost(row.id))
+        file_event(
+            "lost",
+            level=30,
+            user=row.user,
+            path=row.path,
+            stage=row.state,
+            outcome="original no longer in watch/ (removed, or replaced by a newer upload)",
+        )
 
     async def run(self) -> None:
         """Dispatch due originals until stopped."""
@@ -164,10 +201,8 @@ class Pipeline:
     async def refresh_gauges(self) -> None:
         try:
             counts = await self.db(lambda db: db.count_unfinished())
-            self.metrics.queue_files.set(
-                sum(counts.get(s, 0) for s in ("queued", "optimizing", "uploading"))
-            )
-            self.metrics.undone_files.set(counts.get("undone", 0))
+            self.metrics.queue_files.set(sum(counts.get(s, 0) for s in WAITING_STATES))
+            self.metrics.undone_files.set(counts.get(State.UNDONE, 0))
         finally:
             # Only now: whoever wakes on progress (import, the demo, tests) reads fresh gauges.
             self._progress.set()
@@ -193,13 +228,15 @@ class Pipeline:
         try:
             await self.refresh_gauges()
             if not (row.upload_sha1 and _work_ready(row)):
-                row = await self._optimize(row)
-                if row.state != "uploading":  # undone, or back in the queue for a retry
+                fixed = await self._optimize(row)
+                # Undone, back in the queue for a retry, or dropped (its original was replaced).
+                if fixed is None or fixed.state != State.UPLOADING:
                     return
+                row = fixed
             await self._upload(row)
         except asyncio.CancelledError:
             # Parked by a shutdown: the row says what to redo at the next start.
-            await asyncio.shield(self.db(lambda db: db.update(row.id, state="queued")))
+            await asyncio.shield(self.db(lambda db: db.park(row.id)))
             raise
         except Exception as exc:  # a bug must cost one file a retry, never the dispatcher
             file_event(
@@ -211,24 +248,20 @@ class Pipeline:
                 outcome="retry",
                 error=repr(exc),
             )
-            await self._retry_later(row, "internal", f"internal error: {exc!r}")
+            fresh = await self._reload(row)
+            if fresh is not None and fresh.state in WAITING_STATES:
+                await self._retry_later(fresh, "internal", f"internal error: {exc!r}")
         finally:
             with contextlib.suppress(Exception):
                 await self.refresh_gauges()
 
-    async def _optimize(self, row: Original) -> Original:
+    async def _optimize(self, row: Original) -> Original | None:
         src = self.layout.watch_file(row.user, row.path)
         # Up to one file per worker waits here for its turn; it stays `queued` until it has one.
         async with self.pool.reserve() as worker:
             # The worker starts at once; the ledger's commit (an fsync) runs beside it. Either way
             # a crash leaves the row queued or optimizing, and both are converted again.
-            marked = asyncio.ensure_future(
-                self.db(
-                    lambda db: db.update(
-                        row.id, state="optimizing", upload_sha1=None, work_path=None
-                    )
-                )
-            )
+            marked = asyncio.ensure_future(self.db(lambda db: db.start_optimizing(row.id)))
             started = time.monotonic()
             try:
                 result: OptimizeResult = await worker.run(
@@ -242,8 +275,16 @@ class Pipeline:
             except CodecWorkerError as exc:
                 result = _unreadable(row, str(exc))
             finally:
-                await marked
+                try:
+                    await marked
+                    taken = True
+                except TransitionError:  # removed or overwritten by the client meanwhile
+                    taken = False
         self.metrics.stage_duration.labels(stage="optimize").observe(time.monotonic() - started)
+        if not taken:
+            if result.output:
+                Path(result.output).unlink(missing_ok=True)
+            return None
 
         if result.decision == "retry":  # the disk, not the file: keep the original, try later
             await self._retry_later(row, "optimize", result.reason)
@@ -262,9 +303,8 @@ class Pipeline:
             upload_sha1, name, work_path = row.sha1, PurePosixPath(row.path).name, None
         captured = result.captured_at.isoformat() if result.captured_at else None
         await self.db(
-            lambda db: db.update(
+            lambda db: db.fix_bytes(
                 row.id,
-                state="uploading",
                 kind=result.kind,
                 reason=result.reason,
                 work_path=work_path,
@@ -290,8 +330,8 @@ class Pipeline:
 
     async def _upload(self, row: Original) -> None:
         send = Path(row.work_path) if row.work_path else self.layout.watch_file(row.user, row.path)
-        if row.state != "uploading":
-            await self.db(lambda db: db.update(row.id, state="uploading"))
+        if row.state != State.UPLOADING:
+            await self.db(lambda db: db.resume_upload(row.id))
         await self._immich_up.wait()
         modified = _aware(row.mtime, self.tz)
         created = datetime.fromisoformat(row.captured_at) if row.captured_at else modified
@@ -316,21 +356,24 @@ class Pipeline:
                 return
         self.metrics.stage_duration.labels(stage="upload").observe(time.monotonic() - started)
         # The asset id is committed before anything is deleted.
-        await self.db(lambda db: db.update(row.id, asset_id=outcome.asset_id))
+        await self.db(lambda db: db.confirm_asset(row.id, outcome.asset_id))
         await self._add_to_album(row, outcome.asset_id)
-        await self._finish_done(await self._reload(row), immich_status=outcome.status)
+        confirmed = await self._reload(row)
+        assert confirmed is not None  # only start-up drops rows in flight
+        await self._finish_done(confirmed, immich_status=outcome.status)
 
     async def _finish_done(self, row: Original, immich_status: str | None = None) -> None:
-        outcome = "uploaded" if row.work_path else "kept"
+        outcome = Outcome.UPLOADED if row.work_path else Outcome.KEPT
         original, converted = self.layout.watch_file(row.user, row.path), row.work_path
 
         def remove_files() -> None:  # freeing a file's blocks takes milliseconds: not on the loop
             unlink_if_same(original, row.inode)
+            kill_point("delete_original:after")
             if converted:
                 Path(converted).unlink(missing_ok=True)
 
         await asyncio.get_running_loop().run_in_executor(None, remove_files)
-        await self.db(lambda db: db.update(row.id, state="done", outcome=outcome, work_path=None))
+        await self.db(lambda db: db.finish(row.id, outcome))
         self.metrics.processed_files.labels(outcome=outcome).inc()
         self.metrics.original_bytes.inc(row.size)
         self.metrics.stored_bytes.inc(row.bytes_out or row.size)
@@ -384,9 +427,8 @@ class Pipeline:
         delay = min(r.max_delay_seconds, r.first_delay_seconds * 2**row.attempts)
         delay = max(retry_after or 0.0, delay * random.uniform(0.5, 1.5))
         await self.db(
-            lambda db: db.update(
+            lambda db: db.retry_later(
                 row.id,
-                state="queued",
                 attempts=row.attempts + 1,
                 first_failure_at=first,
                 next_attempt_at=now + delay,
@@ -410,55 +452,57 @@ class Pipeline:
         self, row: Original, stage: str, reason: str, kind: str | None = None
     ) -> None:
         """Keep the original in watch/undone/<user>/ with a sidecar a person can act on."""
-        loop = asyncio.get_running_loop()
-        src = self.layout.watch_file(row.user, row.path)
         dst = _free_name(self.layout.undone_file(row.user, row.path))
-        # Where it goes is committed first, so recovery can tell a finished move from a lost file.
-        await self.db(lambda db: db.update(row.id, undone_path=str(dst)))
+        # Where it goes and why are committed first: from here on start-up finishes the move.
+        await self.db(
+            lambda db: db.choose_undone_path(
+                row.id, str(dst), stage, reason, kind or row.kind, row.attempts + 1
+            )
+        )
+        decided = await self._reload(row)
+        assert decided is not None  # only start-up drops rows in flight
+        await self._complete_undone(decided)
+
+    async def _complete_undone(self, row: Original) -> None:
+        """Sidecar, move and commit of a decided move to undone/ (again after a crash)."""
+        assert row.undone_path is not None
+        loop = asyncio.get_running_loop()
+        src, dst = self.layout.watch_file(row.user, row.path), Path(row.undone_path)
+        if not _same_file(src, row.inode) and not _same_file(dst, row.inode):
+            await self._drop_lost(row)
+            return
         sidecar = {
-            "stage": stage,
-            "reason": reason,
+            "stage": row.stage,
+            "reason": row.reason,
             "time": _aware(time.time(), self.tz).isoformat(timespec="seconds"),
-            "attempts": row.attempts + 1,
+            "attempts": row.attempts,
             "user": row.user,
             "path": row.path,
-            "kind": kind or row.kind,
+            "kind": row.kind,
             "size": row.size,
             "sha1": row.sha1,
         }
         await loop.run_in_executor(None, _write_sidecar, dst, sidecar)
-        if _same_file(src, row.inode):
+        kill_point("undone_sidecar:after")
+        if _same_file(src, row.inode) and not dst.exists():
             await loop.run_in_executor(None, move_durably, src, dst)
         if row.work_path:
             Path(row.work_path).unlink(missing_ok=True)
-        await self.db(
-            lambda db: db.update(
-                row.id,
-                state="undone",
-                outcome="undone",
-                stage=stage,
-                reason=reason,
-                kind=kind or row.kind,
-                attempts=row.attempts + 1,
-                work_path=None,
-            )
-        )
-        self.metrics.processed_files.labels(outcome="undone").inc()
+        await self.db(lambda db: db.mark_undone(row.id))
+        self.metrics.processed_files.labels(outcome=Outcome.UNDONE).inc()
         file_event(
             "undone",
             level=30,
             user=row.user,
             path=row.path,
-            stage=stage,
+            stage=row.stage,
             outcome="undone",
-            reason=reason,
+            reason=row.reason,
             kept_in=str(dst),
         )
 
-    async def _reload(self, row: Original) -> Original:
-        fresh = await self.db(lambda db: db.get(row.id))
-        assert fresh is not None
-        return fresh
+    async def _reload(self, row: Original) -> Original | None:
+        return await self.db(lambda db: db.get(row.id))
 
 
 def _unreadable(row: Original, reason: str) -> OptimizeResult:

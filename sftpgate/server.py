@@ -13,11 +13,13 @@ import os
 import signal
 import time
 from dataclasses import dataclass
+from typing import Any
 
 import watchfiles
 from aiohttp import web
 
 from .config import Config, parse_listen
+from .control import ControlServer
 from .immich.client import ImmichClient
 from .intake import Intake
 from .layout import Layout, lock_data_dir
@@ -26,6 +28,7 @@ from .logs import event
 from .metrics import Metrics, health_app
 from .pipeline import Pipeline
 from .sftp.server import SftpGateway
+from .status import requeue_undone
 from .workers import CodecPool
 
 STALE_PART_SECONDS = 86400.0
@@ -51,6 +54,8 @@ class Service:
         self.pipeline, self.intake = stages.pipeline, stages.intake
         self._tasks.append(asyncio.create_task(self.pipeline.run()))
         self._tasks.append(asyncio.create_task(self._scan_forever()))
+        self.control = ControlServer(self.layout.control, {"retry": self._retry})
+        await self.control.start()
         self.sftp = SftpGateway(cfg, self.layout, self.intake, self.metrics)
         await self.sftp.start()
         if cfg.metrics.listen:
@@ -82,6 +87,17 @@ class Service:
         if not await self.immich.ping():
             return False, "Immich does not answer"
         return True, "ok"
+
+    async def _retry(self, request: dict[str, Any]) -> dict[str, Any]:
+        """`sftpgate retry` beside the running service: the change is made by the ledger's
+        writer, here."""
+        paths = [str(p) for p in request.get("paths", [])]
+        queued = await self.db(lambda db: requeue_undone(db, self.layout, paths))
+        for client_path in queued:
+            event("retry", path=client_path, outcome="queued again")
+        await self.pipeline.refresh_gauges()
+        self.pipeline.wake()
+        return {"queued": queued}
 
     async def _scan_forever(self) -> None:
         """Pick up files that reach watch/ without the SFTP server (a share, a cp).
@@ -127,6 +143,8 @@ class Service:
             event("inotify unavailable", level=30, error=str(exc), outcome="polling watch/ instead")
 
     async def stop(self) -> None:
+        with contextlib.suppress(Exception):
+            await self.control.stop()
         with contextlib.suppress(Exception):
             await self.sftp.stop()
         await self.pipeline.stop()

@@ -1,24 +1,30 @@
 """`sftpgate status` and `sftpgate retry`: read and mend the ledger from the command line.
 
-Both work while the service runs: SQLite in WAL mode lets a second process read, and the few
-writes of `retry` wait for the service's transactions (busy timeout).
+Both work while the service runs. `status` opens the ledger read-only (SQLite in WAL mode lets a
+second process read beside the writer). `retry` writes, so it runs where the writer is: with no
+service running it takes the data folder's lock and changes the ledger itself; with one running it
+asks the service over the control socket (control.py) to do it.
 """
 
 from __future__ import annotations
 
-import time
+import os
 from pathlib import Path
 from typing import Any
 
 from .config import Config
+from .control import ask_service
 from .immich.client import ImmichClient
-from .layout import Layout, move_durably
-from .ledger import Ledger
+from .killpoints import kill_point
+from .layout import DataDirBusy, Layout, lock_data_dir, move_durably
+from .ledger import Ledger, Original, Outcome, State
 
 
 async def collect_status(config: Config) -> dict[str, Any]:
     layout = Layout(config.data_path)
-    ledger = Ledger(layout.ledger)
+    if not layout.ledger.exists():
+        raise NoLedger(f"no ledger at {layout.ledger}: sftpgate has not run with this data_dir")
+    ledger = Ledger(layout.ledger, readonly=True)
     try:
         states = ledger.count_by_state()
         outcomes = ledger.count_by_outcome()
@@ -62,14 +68,10 @@ async def collect_status(config: Config) -> dict[str, Any]:
 
 
 def format_status(s: dict[str, Any]) -> str:
-    order = ("received", "queued", "optimizing", "uploading", "done", "undone")
     lines = ["originals by state:"]
-    lines += [f"  {state:<11} {s['states'].get(state, 0):>8,}" for state in order]
+    lines += [f"  {state:<11} {s['states'].get(state, 0):>8,}" for state in State]
     lines.append("finished by outcome:")
-    lines += [
-        f"  {o:<11} {s['outcomes'].get(o, 0):>8,}"
-        for o in ("uploaded", "kept", "duplicate", "undone")
-    ]
+    lines += [f"  {o:<11} {s['outcomes'].get(o, 0):>8,}" for o in Outcome]
     saved = s["bytes_saved"]
     pct = 100 * saved / s["bytes_original"] if s["bytes_original"] else 0.0
     lines.append(
@@ -89,42 +91,76 @@ def format_status(s: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+class NoLedger(Exception):
+    """`status` was pointed at a data folder that no sftpgate has used yet."""
+
+
+class RetryRefused(Exception):
+    """The data folder is held by a process that takes no requests (an import)."""
+
+
 def retry_undone(config: Config, paths: list[str]) -> list[str]:
-    """Move matching undone originals back into watch/ and queue them afresh."""
+    """Move matching undone originals back into watch/ and queue them afresh, here or in the
+    running service; returns the client paths queued again."""
     layout = Layout(config.data_path)
-    ledger = Ledger(layout.ledger)
+    try:
+        lock = lock_data_dir(layout.root)
+    except DataDirBusy:
+        reply = ask_service(layout.control, {"command": "retry", "paths": paths})
+        if reply is None:
+            raise RetryRefused(
+                f"{layout.root} is in use by `sftpgate import`; retry once it has finished"
+            ) from None
+        return list(reply["queued"])
+    try:
+        ledger = Ledger(layout.ledger)
+        try:
+            return requeue_undone(ledger, layout, paths)
+        finally:
+            ledger.close()
+    finally:
+        os.close(lock)
+
+
+def requeue_undone(ledger: Ledger, layout: Layout, paths: list[str]) -> list[str]:
+    """The writer's half of `retry`: runs in the process that holds the data folder."""
     wanted = {str(Path(p).resolve()) for p in paths} | set(paths)
     moved: list[str] = []
-    try:
-        for row in ledger.undone():
-            if not row.undone_path:
-                continue
-            src = Path(row.undone_path)
-            names = {str(src), str(src.resolve()), f"{row.user}/{row.path}", row.path}
-            if paths and not names & wanted:
-                continue
-            if not src.is_file():
-                continue
-            dst = layout.watch_file(row.user, row.path)
-            if dst.exists():
-                continue  # a newer upload of the same name is waiting; leave this one for later
-            move_durably(src, dst)
-            src.with_name(src.name + ".error.json").unlink(missing_ok=True)
-            ledger.update(
-                row.id,
-                state="queued",
-                outcome=None,
-                attempts=0,
-                first_failure_at=None,
-                next_attempt_at=time.time(),
-                stage=None,
-                reason=None,
-                work_path=None,
-                upload_sha1=None,
-                inode=dst.stat().st_ino,
-                undone_path=None,
-            )
-            moved.append(f"{row.user}/{row.path}")
-    finally:
-        ledger.close()
+    for row in ledger.undone():
+        if not row.undone_path:
+            continue
+        src = Path(row.undone_path)
+        names = {str(src), str(src.resolve()), f"{row.user}/{row.path}", row.path}
+        if paths and not names & wanted:
+            continue
+        if not src.is_file():
+            continue
+        dst = layout.watch_file(row.user, row.path)
+        if dst.exists():
+            continue  # a newer upload of the same name is waiting; leave this one for later
+        # The move comes first (rename keeps the inode): a crash before the commit leaves an
+        # undone row whose file is back in watch/, which finish_interrupted_retries completes.
+        move_durably(src, dst)
+        kill_point("retry_move:after")
+        src.with_name(src.name + ".error.json").unlink(missing_ok=True)
+        ledger.requeue_undone(row.id, dst.stat().st_ino)
+        moved.append(f"{row.user}/{row.path}")
     return moved
+
+
+def finish_interrupted_retries(ledger: Ledger, layout: Layout) -> list[Original]:
+    """Start-up: undone rows whose original a `retry` had moved back into watch/ before it
+    was killed are queued, as that retry would have done."""
+    requeued = []
+    for row in ledger.undone():
+        if not row.undone_path or Path(row.undone_path).exists():
+            continue
+        try:
+            inode = layout.watch_file(row.user, row.path).stat().st_ino
+        except FileNotFoundError:
+            continue
+        if inode == row.inode:
+            Path(row.undone_path + ".error.json").unlink(missing_ok=True)
+            ledger.requeue_undone(row.id, inode)
+            requeued.append(row)
+    return requeued
