@@ -59,11 +59,11 @@ class ServiceProcess:
         self.metrics_port = metrics_port
         self.proc: asyncio.subprocess.Process | None = None
 
-    async def start(self) -> None:
+    async def start(self, env: dict[str, str] | None = None) -> None:
         with self.log.open("ab") as log:
             self.proc = await asyncio.create_subprocess_exec(
                 sys.executable, "-m", "sftpgate.main", "--config", str(self.config), "serve",
-                stdout=log, stderr=log,
+                stdout=log, stderr=log, env={**os.environ, **(env or {})},
             )  # fmt: skip
 
         async def healthy() -> bool:
