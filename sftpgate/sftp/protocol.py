@@ -33,9 +33,12 @@
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import inspect
+import textwrap
 from typing import Any
 
+import asyncssh
 from asyncssh import connection as _connection
 from asyncssh import sftp as _sftp
 from asyncssh.crypto import chacha as _chacha
@@ -48,21 +51,80 @@ from cryptography.hazmat.primitives.poly1305 import Poly1305
 RECEIVE_PIECE = 64 << 10
 REPLY_BATCH_BYTES = 256 << 10
 
+# The overrides below replace private asyncssh methods, so they are tied to the asyncssh they were
+# read against: `install()` refuses any other minor version, and tests/test_asyncssh_fence.py
+# fails when the source of a replaced method no longer has the fingerprint recorded here (an
+# upgrade must be read again, method by method, before these are updated).
+TESTED_ASYNCSSH = ("2.24",)
+REPLACED_FINGERPRINTS = {
+    "SFTPServerHandler._process_write": "9a0511acf0e9263e",
+    "SFTPServerHandler._process_close": "b55f4d1cb3396b10",
+    "SFTPServerHandler._process_open": "250c690d53982fdd",
+    "SFTPServerHandler._process_opendir": "36aac77e05cdb7b7",
+    "SFTPServerHandler._process_limits": "fac1ad468c4e0398",
+    "SFTPServerHandler._process_packet": "6c4ff62dbaa22dd0",
+    "SFTPServerHandler._cleanup": "c22287e59d310303",
+    "SFTPHandler.send_packet": "d5e2e96fafd22848",
+    "ChachaCipher.verify_and_decrypt": "bff362dc0a0e2fe2",
+    "SSHConnection.data_received": "3d62ee24589968be",
+}
+
+
+class UntestedAsyncssh(RuntimeError):
+    """The installed asyncssh is not one the protocol overrides were checked against."""
+
+
+def check_asyncssh_version(version: str = asyncssh.__version__) -> None:
+    minor = ".".join(version.split(".")[:2])
+    if minor not in TESTED_ASYNCSSH:
+        raise UntestedAsyncssh(
+            f"asyncssh {version} is installed, but sftpgate's SFTP protocol layer was tested with"
+            f" asyncssh {', '.join(TESTED_ASYNCSSH)}.x only; install a tested version"
+        )
+
+
+def replaced_methods() -> dict[str, Any]:
+    """The stock asyncssh method behind each name in REPLACED_FINGERPRINTS (before install)."""
+    server = _sftp.SFTPServerHandler
+    return {
+        "SFTPServerHandler._process_write": server._process_write,
+        "SFTPServerHandler._process_close": server._process_close,
+        "SFTPServerHandler._process_open": server._process_open,
+        "SFTPServerHandler._process_opendir": server._process_opendir,
+        "SFTPServerHandler._process_limits": server._process_limits,
+        "SFTPServerHandler._process_packet": _stock.get("_process_packet", server._process_packet),
+        "SFTPServerHandler._cleanup": _stock.get("_cleanup", server._cleanup),
+        "SFTPHandler.send_packet": _sftp.SFTPHandler.send_packet,
+        "ChachaCipher.verify_and_decrypt": _stock.get(
+            "verify_and_decrypt", _chacha.ChachaCipher.verify_and_decrypt
+        ),
+        "SSHConnection.data_received": _stock.get(
+            "data_received", _connection.SSHConnection.data_received
+        ),
+    }
+
+
+def fingerprint(method: Any) -> str:
+    """A short hash of a method's source, blind to indentation."""
+    source = textwrap.dedent(inspect.getsource(method))
+    return hashlib.sha256(source.encode()).hexdigest()[:16]
+
+
 _installed_write_size: list[int] = []
-_stock_data_received: list[Any] = []
-_stock_open: list[Any] = []
-_stock_process_packet: list[Any] = []
-_stock_cleanup: list[Any] = []
+_stock: dict[str, Any] = {}
 
 
 def install(max_write_bytes: int) -> None:
+    check_asyncssh_version()
     handlers: dict[Any, Any] = _sftp.SFTPServerHandler._packet_handlers
     _installed_write_size[:] = [max_write_bytes]
     if handlers.get(_sftp.FXP_WRITE) is _process_write:
         return
-    _stock_open[:] = [handlers[_sftp.FXP_OPEN]]
-    _stock_process_packet[:] = [_sftp.SFTPServerHandler._process_packet]
-    _stock_cleanup[:] = [_sftp.SFTPServerHandler._cleanup]
+    _stock["open"] = handlers[_sftp.FXP_OPEN]
+    _stock["_process_packet"] = _sftp.SFTPServerHandler._process_packet
+    _stock["_cleanup"] = _sftp.SFTPServerHandler._cleanup
+    _stock["verify_and_decrypt"] = _chacha.ChachaCipher.verify_and_decrypt
+    _stock["data_received"] = _connection.SSHConnection.data_received
     handlers[_sftp.FXP_WRITE] = _process_write
     handlers[_sftp.FXP_CLOSE] = _process_close
     handlers[_sftp.FXP_OPEN] = _process_open
@@ -72,12 +134,11 @@ def install(max_write_bytes: int) -> None:
     _sftp.SFTPServerHandler.send_packet = _send_packet_batched  # type: ignore[method-assign]
     _sftp.SFTPServerHandler._cleanup = _cleanup  # type: ignore[method-assign]
     _chacha.ChachaCipher.verify_and_decrypt = chacha_verify_and_decrypt  # type: ignore[method-assign]
-    _stock_data_received[:] = [_connection.SSHConnection.data_received]
     _connection.SSHConnection.data_received = _data_received_in_pieces  # type: ignore[method-assign]
 
 
 def _data_received_in_pieces(self: Any, data: bytes, datatype: Any = None) -> None:
-    stock = _stock_data_received[0]
+    stock = _stock["data_received"]
     if len(data) <= RECEIVE_PIECE:
         stock(self, data)
         return
@@ -92,7 +153,7 @@ async def _process_packet(self: Any, pkttype: int, pktid: int, packet: Any) -> N
     touch = getattr(self._server, "on_activity", None)
     if touch is not None:
         touch()
-    await _stock_process_packet[0](self, pkttype, pktid, packet)
+    await _stock["_process_packet"](self, pkttype, pktid, packet)
 
 
 def _send_packet_batched(self: Any, pkttype: int, pktid: int | None, *args: bytes) -> None:
@@ -126,7 +187,7 @@ def _send_pending_replies(self: Any) -> None:
 
 async def _cleanup(self: Any, exc: Exception | None) -> None:
     _send_pending_replies(self)
-    await _stock_cleanup[0](self, exc)
+    await _stock["_cleanup"](self, exc)
 
 
 def _check_handles(self: Any) -> None:
@@ -137,7 +198,7 @@ def _check_handles(self: Any) -> None:
 
 async def _process_open(self: Any, packet: Any) -> Any:
     _check_handles(self)
-    return await _stock_open[0](self, packet)
+    return await _stock["open"](self, packet)
 
 
 async def _process_write(self: Any, packet: Any) -> None:
@@ -155,6 +216,8 @@ async def _process_write(self: Any, packet: Any) -> None:
 
 async def _process_close(self: Any, packet: Any) -> None:
     handle = packet.get_string()
+    if self._version < 6:  # as upstream: SFTP v6 lets CLOSE carry extensions
+        packet.check_end()
     file_obj = self._file_handles.get(handle)
     if file_obj is not None and hasattr(file_obj, "closed_by_client"):
         file_obj.closed_by_client = True
