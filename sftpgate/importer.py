@@ -1,4 +1,4 @@
-"""`sftpgate import DIR`: run an existing folder of photos through the pipeline (issue 7, item 6).
+"""`sftpgate import DIR`: run an existing folder of photos through the pipeline.
 
 A previous atmoz/sftp landing zone or an old phone backup goes through exactly what an SFTP upload
 goes through: each file is placed atomically in `watch/<user>/<its path below DIR>`, admitted by

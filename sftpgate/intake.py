@@ -100,7 +100,7 @@ class Intake:
         self.wake = wake
 
     def is_temporary(self, path: str) -> bool:
-        """A temporary name is not queued until it is renamed to a final one (SPEC §3)."""
+        """A temporary name is not queued until it is renamed to a final one."""
         name = path.rsplit("/", 1)[-1]
         return bool(self._temporary_name.match(name)) or any(
             part.startswith(".") for part in path.split("/")
@@ -109,7 +109,7 @@ class Intake:
     # -- from the SFTP server -----------------------------------------------------------------
 
     async def finalize_upload(self, up: Upload) -> None:
-        """Move a closed upload from .staging/ into watch/ and record it (SPEC §1, §3)."""
+        """Move a closed upload from .staging/ into watch/ and record it."""
         loop = asyncio.get_running_loop()
         sha1 = up.sha1 or await loop.run_in_executor(None, sha1_of_file, up.staged)
         mtime = up.mtime if up.mtime is not None else time.time()

@@ -1,4 +1,4 @@
-"""Where things live under data_dir (SPEC §1), and the two file-system steps every stage shares."""
+"""Where things live under data_dir, and the two file-system steps every stage shares."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The command line (SPEC §7): one subcommand per job, each taking --config."""
+"""The command line: one subcommand per job, each taking --config."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Prometheus metrics and the health endpoints (SPEC §8).
+"""Prometheus metrics and the health endpoints.
 
 No label ever carries a file name, a user name, a key or a password: labels are fixed vocabularies
 (outcome, stage), so the series count is bounded and nothing private leaves through /metrics.

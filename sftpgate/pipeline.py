@@ -172,7 +172,7 @@ class Pipeline:
         self._wakeup.set()
 
     async def stop(self, grace_seconds: float = 5.0) -> None:
-        """Stop taking work; give uploads in flight a moment, then park the rest (SPEC §6)."""
+        """Stop taking work; give uploads in flight a moment, then park the rest."""
         self._stopping = True
         self._wakeup.set()
         tasks = list(self._in_flight.values())
@@ -208,7 +208,7 @@ class Pipeline:
             self._progress.set()
 
     async def _watch_immich(self) -> None:
-        """Pause uploads while Immich does not answer its ping; resume by itself (SPEC §6)."""
+        """Pause uploads while Immich does not answer its ping; resume by itself."""
         while True:
             up = await self.immich.ping()
             self.metrics.immich_up.set(1 if up else 0)

@@ -1,4 +1,4 @@
-"""Configuration (SPEC §2): the minimal file runs, every mistake stops start-up with one line that
+"""Configuration: the minimal file runs, every mistake stops start-up with one line that
 names the key, and config.yaml.example documents every key there is."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Nothing lost, nothing twice — under SIGKILL at random instants (SPEC §6, issue 4).
+"""Nothing lost, nothing twice — under SIGKILL at random instants.
 
 A real `sftpgate serve` process receives a stream of distinct photos from a real SFTP client that
 behaves like a sync app (on a broken connection it reconnects and sends the file again). The test

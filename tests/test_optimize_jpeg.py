@@ -213,7 +213,7 @@ def test_cmyk_jpeg_is_kept_and_libjxl_really_refuses_it(corpus: Path, tmp_path: 
 @pytest.mark.parametrize("name", ["bad/truncated-half.jpg", "bad/corrupt-entropy.jpg"])
 def test_damaged_jpegs_are_unreadable(corpus: Path, tmp_path: Path, name: str) -> None:
     # Measured: libjxl rejects both ("Input is invalid") and Pillow cannot decode them either, so
-    # they are damaged photos, not merely untranscodable ones: undone/, as SPEC §4 says.
+    # they are damaged photos, not merely untranscodable ones: undone/, as the product promises for damaged files.
     data = (corpus / name).read_bytes()
     with pytest.raises(RuntimeError):
         pillow_jxl.Encoder(mode="RGB", lossless=True, effort=7)(data, 776, 909, jpeg_encode=True)

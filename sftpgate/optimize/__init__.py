@@ -1,4 +1,4 @@
-"""Make one file smaller without losing anything (SPEC §4): the optimizer's public API.
+"""Make one file smaller without losing anything: the optimizer's public API.
 
 `optimize_file` runs inside a worker process (see the pipeline), so its argument and result are
 plain picklable values, and it never raises for bad input: whatever goes wrong becomes an

@@ -1,4 +1,4 @@
-"""Capture time from the content (SPEC §5 `fileCreatedAt`): always timezone-aware, or None.
+"""Capture time from the content (Immich's `fileCreatedAt`): always timezone-aware, or None.
 
 Order: EXIF DateTimeOriginal (+ OffsetTimeOriginal), then DateTimeDigitized (+ OffsetTimeDigitized),
 as Immich itself prefers them; for video Apple's creationdate, then the container's creation_time. IFD0 DateTime is deliberately not used: editors rewrite it, so it is

@@ -313,7 +313,7 @@ def transcode_lossless(
     except Exception as exc:
         # libjxl refuses what it cannot represent ("Input is invalid", "JPEG bitstream
         # reconstruction data could not be represented"). Decision: a JPEG that Pillow cannot decode
-        # either is damaged (truncated, corrupt scan); SPEC §4 sends "corrupt, truncated" content
+        # either is damaged (truncated, corrupt scan); the product sends corrupt or truncated content
         # to undone/ so a person notices the broken photo (on_error: upload-original still uploads
         # it). A JPEG that decodes fine is sound and merely beyond libjxl: upload it unchanged.
         # Conversely, a damaged JPEG that libjxl does transcode and reconstruct bit-exact has lost

@@ -1,4 +1,4 @@
-"""What a file is, decided from its content only (SPEC §4): magic bytes, then a real probe.
+"""What a file is, decided from its content only: magic bytes, then a real probe.
 
 Phones and sync apps get names wrong (a JPEG saved as `.png`, an HTML error page saved as `.jpg`),
 so the name is never consulted. `sniff` looks at the first bytes; `probe` then parses the

@@ -1,4 +1,4 @@
-"""PNG → lossless JPEG XL, pixels verified equal (SPEC §4).
+"""PNG → lossless JPEG XL, pixels verified equal.
 
 A PNG is converted only when everything it holds has a place in the JPEG XL: 8-bit (or less)
 pixels, EXIF (`eXIf` → `Exif` box), XMP (`iTXt XML:com.adobe.xmp` → `xml ` box) and the ICC

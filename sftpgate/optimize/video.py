@@ -1,4 +1,4 @@
-"""Video → HEVC (libx265) or AV1 (libsvtav1) with PyAV, streaming, verified (SPEC §4).
+"""Video → HEVC (libx265) or AV1 (libsvtav1) with PyAV, streaming, verified.
 
 How the traps in notes/codecs.md are handled:
 
@@ -51,7 +51,7 @@ _HDR_TRANSFERS = {16: "PQ (HDR10 / Dolby Vision)", 18: "HLG"}
 # Top-level boxes that are media or layout, rebuilt by the muxer; all others are metadata.
 _LAYOUT_BOXES = frozenset({b"ftyp", b"moov", b"mdat", b"free", b"skip", b"wide", b"pnot"})
 _MAX_METADATA_BOX = 64 * 1024 * 1024  # a moov/udta or meta beyond this is not metadata
-DURATION_TOLERANCE = 0.5  # seconds (SPEC §4)
+DURATION_TOLERANCE = 0.5  # seconds
 
 
 class VideoError(Exception):
@@ -163,7 +163,7 @@ _DATE_KEYS = ("creation_time", "com.apple.quicktime.creationdate")
 
 
 def metadata_present(info: VideoInfo) -> tuple[str, ...]:
-    """What the source carries of what SPEC §4 says must survive (for reports)."""
+    """What the source carries of what a conversion must keep (for reports)."""
     keys = info.metadata
     present = (
         ("creation_time", any(k in keys for k in _DATE_KEYS)),
