@@ -19,6 +19,8 @@ from typing import Any
 
 import yaml
 
+from .accounts import folder_problem, known_hash_scheme, user_name_problem
+
 ENV_TEMPLATE = Path(__file__).with_name("env_config.yaml")
 DEFAULT_TEMP_PATTERNS = ("*.tmp", "*.part", "*.partial", "*.filepart", ".*", "*~")
 # The SSH ciphers `sftp.ciphers` may name: asyncssh's defaults (no CBC or RC4 modes).
@@ -326,12 +328,8 @@ def _check(cfg: Config, problems: list[str]) -> None:
     seen: set[str] = set()
     for i, u in enumerate(cfg.sftp.users):
         key = f"sftp.users[{i}]"
-        if not re.fullmatch(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}", u.name):
-            problems.append(
-                f"{key}.name: {u.name!r} is not a valid user name (letters, digits, _ . -)"
-            )
-        if u.name == "undone":
-            problems.append(f"{key}.name: 'undone' is reserved for the undone/ folder")
+        if problem := user_name_problem(u.name):
+            problems.append(f"{key}.name: {problem}")
         if u.name in seen:
             problems.append(f"{key}.name: duplicate user {u.name!r}")
         seen.add(u.name)
@@ -371,8 +369,6 @@ def _check_sftp(cfg: Config, problems: list[str]) -> None:
             problems.append(
                 f"sftp.ciphers[{i}]: unknown cipher {cipher!r} (one of {', '.join(SSH_CIPHERS)})"
             )
-    from .sftp.passwords import known_hash_scheme
-
     for i, u in enumerate(s.users):
         if u.password_hash and not known_hash_scheme(u.password_hash):
             problems.append(
@@ -380,8 +376,8 @@ def _check_sftp(cfg: Config, problems: list[str]) -> None:
                 "(use `sftpgate hash-password`; argon2, scrypt and crypt(3) $1$/$5$/$6$/$y$/$2b$ work)"
             )
         for folder in u.folders:
-            if folder.startswith("/") or ".." in folder.split("/") or "\0" in folder:
-                problems.append(f"sftp.users[{i}].folders: {folder!r} must be a relative path")
+            if problem := folder_problem(folder):
+                problems.append(f"sftp.users[{i}].folders: {problem}")
 
 
 def _with_users_conf(cfg: Config, problems: list[str]) -> Config:
@@ -390,7 +386,7 @@ def _with_users_conf(cfg: Config, problems: list[str]) -> Config:
     s = cfg.sftp
     if not s.users_conf:
         return cfg
-    from .sftp.users_conf import read_users_conf
+    from .users_conf import read_users_conf  # it builds UserConfig: imported when used
 
     extra = read_users_conf(
         cfg.path(s.users_conf),

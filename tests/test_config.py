@@ -226,3 +226,18 @@ def test_environment_only_configuration_when_there_is_no_file(tmp_path):
     assert (
         "immich.api_key: environment variable SFTPGATE_IMMICH_API_KEY is not set" in missing.stderr
     )
+
+
+def test_config_is_the_bottom_layer_and_imports_nothing_of_the_sftp_server(tmp_path):
+    """Loading a configuration, users.conf included, must not pull in the SFTP layer."""
+    (tmp_path / "users.conf").write_text("phone:secret:::upload\n")
+    (tmp_path / "config.yaml").write_text(
+        "immich: {url: 'http://immich:2283', api_key: k}\nsftp: {users_conf: users.conf}\n"
+    )
+    probe = (
+        "import sys; from sftpgate.config import load_config;"
+        f" load_config({str(tmp_path / 'config.yaml')!r});"
+        " print(sorted(m for m in sys.modules if m.startswith('sftpgate.sftp')))"
+    )
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"

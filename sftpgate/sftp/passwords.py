@@ -23,30 +23,18 @@ import functools
 import hashlib
 import hmac
 import os
-import re
 import threading
 from collections.abc import Callable
 
 from argon2 import PasswordHasher
 from argon2.exceptions import InvalidHashError, VerificationError
 
+from ..accounts import SCRYPT_HASH, known_hash_scheme
+
 _hasher = PasswordHasher()
 # Verified against for unknown users and key-only users, so a wrong user costs the same time.
 _DUMMY_HASH = _hasher.hash("sftpgate-dummy-password")
-_CRYPT = re.compile(r"^\$(1|5|6|y|gy|7|2[abxy])\$[./0-9A-Za-z$,=]+$")
-_SCRYPT = re.compile(r"^\$scrypt\$ln=(\d+),r=(\d+),p=(\d+)\$([./A-Za-z0-9]+)\$([./A-Za-z0-9]+)$")
 _crypt_lock = threading.Lock()
-
-
-def known_hash_scheme(hashed: str) -> str | None:
-    """ "argon2", "scrypt" or "crypt" when sftpgate can verify `hashed`, else None."""
-    if hashed.startswith(("$argon2id$", "$argon2i$", "$argon2d$")):
-        return "argon2"
-    if _SCRYPT.match(hashed):
-        return "scrypt"
-    if _CRYPT.match(hashed):
-        return "crypt"
-    return None
 
 
 def hash_password(password: str, scheme: str = "argon2id") -> str:
@@ -98,7 +86,7 @@ def _scrypt_mem(ln: int, r: int) -> int:
 
 
 def _verify_scrypt(hashed: str, password: str) -> bool:
-    m = _SCRYPT.match(hashed)
+    m = SCRYPT_HASH.match(hashed)
     if m is None:
         return False
     ln, r, p = int(m.group(1)), int(m.group(2)), int(m.group(3))

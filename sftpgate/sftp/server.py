@@ -30,7 +30,8 @@ from ..logs import event
 from ..metrics import Metrics
 from . import protocol
 from .filesystem import GateSFTPServer, PartStore
-from .passwords import hash_password, known_hash_scheme
+from ..accounts import known_hash_scheme
+from .passwords import hash_password
 from .passwords import verify_password as _verify
 
 __all__ = ["LoginGuard", "SftpGateway", "hash_password", "known_hash_scheme", "verify_password"]

@@ -15,13 +15,10 @@ key-only. Blank lines and lines starting with `#` are skipped, as atmoz's entryp
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 
-from ..config import UserConfig
-from .passwords import known_hash_scheme
-
-_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}")
+from .accounts import folder_problem, known_hash_scheme, user_name_problem
+from .config import UserConfig
 
 
 def read_users_conf(
@@ -56,8 +53,8 @@ def read_users_conf(
             problems.append(f"{where}: too many fields (user:pass[:e][:uid[:gid[:dirs]]])")
             continue
         uid, gid, dirs = [*rest, "", "", ""][:3]
-        if not _NAME.fullmatch(name) or name == "undone":
-            problems.append(f"{where}: {name!r} is not a valid user name (letters, digits, _ . -)")
+        if problem := user_name_problem(name):
+            problems.append(f"{where}: {problem}")
             continue
         if name in seen:
             problems.append(f"{where}: user {name!r} is defined twice")
@@ -66,9 +63,9 @@ def read_users_conf(
             problems.append(f"{where}: uid and gid must be numbers")
             continue
         folders = tuple(d.strip().strip("/") for d in dirs.split(",") if d.strip().strip("/"))
-        bad = [d for d in folders if ".." in d.split("/") or "\0" in d]
+        bad = [problem for d in folders if (problem := folder_problem(d))]
         if bad:
-            problems.append(f"{where}: folder {bad[0]!r} must stay inside the user's root")
+            problems.append(f"{where}: {bad[0]}")
             continue
         keys = _read_keys(home / name) if home else ()
         if not password and not keys:
