@@ -163,12 +163,15 @@ class Intake:
             return
         earlier = await self._earlier_delivery(user, row.sha1, row.size)
         if earlier is not None:
-            await self.db(lambda db: db.rename_to_duplicate(row.id, user, new, earlier))
-            self._log_duplicate(user, new, earlier)
+            # The file goes first: once the row is final no active row names the path, and a
+            # folder scan in between would record the duplicate a second time. A kill between
+            # the two leaves a received row without its file, which start-up drops.
             target = self.layout.watch_file(user, new)
             await asyncio.get_running_loop().run_in_executor(
                 None, unlink_if_same, target, row.inode
             )
+            await self.db(lambda db: db.rename_to_duplicate(row.id, user, new, earlier))
+            self._log_duplicate(user, new, earlier)
             return
         await self.db(lambda db: db.rename_to_final(row.id, user, new))
         file_event("queued", user=user, path=new, stage="receive", outcome="queued", size=row.size)

@@ -2,7 +2,10 @@
 
 Start order follows the data: ledger (and crash recovery) → codec workers → Immich client →
 pipeline → intake rescan of watch/ → SFTP listener → metrics. Shutdown runs the other way, so no
-upload is accepted that nothing will process, and work in flight is parked in the ledger.
+upload is accepted that nothing will process, and work in flight is parked in the ledger. It ends
+within `shutdown_grace_seconds`: SFTP connections are closed (cut-off uploads parked for a
+resume), uploads to Immich get what is left of the grace, less a reserve for closing the workers.
+A start that fails half way stops, the same way, what it had started.
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ from .config import Config, parse_listen
 from .control import ControlServer
 from .immich.client import ImmichClient
 from .intake import Intake
-from .layout import Layout, lock_data_dir
+from .layout import DataDirBusy, Layout, lock_data_dir
 from .ledger import Ledger, LedgerThread
 from .logs import event
 from .metrics import Metrics, health_app
@@ -32,6 +35,9 @@ from .status import requeue_undone
 from .workers import CodecPool
 
 STALE_PART_SECONDS = 86400.0
+# Of the shutdown grace, what is kept for the steps after the pipeline: the Immich client and the
+# codec workers (one cut off mid-conversion is replaced by a fresh process, which is then joined).
+CLEANUP_RESERVE_SECONDS = 2.0
 
 
 class Service:
@@ -40,26 +46,34 @@ class Service:
         self.layout = Layout(config.data_path)
         self.metrics = Metrics()
         self._tasks: list[asyncio.Task[None]] = []
-        self._metrics_runner: web.AppRunner | None = None
         self.metrics_port: int | None = None
+        self._running = contextlib.AsyncExitStack()  # how to stop what start() started
+        self._deadline: float | None = None  # when the shutdown grace ends (loop time)
 
     async def start(self) -> None:
         cfg = self.config
         users = [u.name for u in cfg.sftp.users]
-        self._lock = lock_data_dir(self.layout.root)
-        self.layout.ensure(users)
-        _remove_stale_parts(self.layout)
-        stages = await start_stages(cfg, self.layout, self.metrics)
-        self.db, self.pool, self.immich = stages.db, stages.pool, stages.immich
-        self.pipeline, self.intake = stages.pipeline, stages.intake
-        self._tasks.append(asyncio.create_task(self.pipeline.run()))
-        self._tasks.append(asyncio.create_task(self._scan_forever()))
-        self.control = ControlServer(self.layout.control, {"retry": self._retry})
-        await self.control.start()
-        self.sftp = SftpGateway(cfg, self.layout, self.intake, self.metrics)
-        await self.sftp.start()
-        if cfg.metrics.listen:
-            await self._start_metrics()
+        async with contextlib.AsyncExitStack() as started:
+            self._lock = lock_data_dir(self.layout.root)
+            started.callback(os.close, self._lock)
+            self.layout.ensure(users)
+            _remove_stale_parts(self.layout)
+            stages = await start_stages(cfg, self.layout, self.metrics)
+            self.db, self.pool, self.immich = stages.db, stages.pool, stages.immich
+            self.pipeline, self.intake = stages.pipeline, stages.intake
+            started.push_async_callback(stages.close)
+            self._tasks.append(asyncio.create_task(self.pipeline.run()))
+            self._tasks.append(asyncio.create_task(self._scan_forever()))
+            started.push_async_callback(self._stop_work)
+            self.control = ControlServer(self.layout.control, {"retry": self._retry})
+            started.push_async_callback(self.control.stop)
+            await self.control.start()
+            self.sftp = SftpGateway(cfg, self.layout, self.intake, self.metrics)
+            started.push_async_callback(self._stop_sftp)
+            await self.sftp.start()
+            if cfg.metrics.listen:
+                await self._start_metrics(started)
+            self._running = started.pop_all()
         event(
             "started",
             sftp_port=self.sftp.port,
@@ -67,11 +81,12 @@ class Service:
             data_dir=str(self.layout.root),
         )
 
-    async def _start_metrics(self) -> None:
+    async def _start_metrics(self, started: contextlib.AsyncExitStack) -> None:
         host, port = parse_listen(self.config.metrics.listen)
-        self._metrics_runner = web.AppRunner(health_app(self.metrics, self.ready), access_log=None)
-        await self._metrics_runner.setup()
-        site = web.TCPSite(self._metrics_runner, host, port)
+        runner = web.AppRunner(health_app(self.metrics, self.ready), access_log=None)
+        await runner.setup()
+        started.push_async_callback(runner.cleanup)
+        site = web.TCPSite(runner, host, port)
         await site.start()
         server = site._server
         assert server is not None
@@ -143,31 +158,48 @@ class Service:
             event("inotify unavailable", level=30, error=str(exc), outcome="polling watch/ instead")
 
     async def stop(self) -> None:
-        with contextlib.suppress(Exception):
-            await self.control.stop()
-        with contextlib.suppress(Exception):
-            await self.sftp.stop()
-        await self.pipeline.stop()
+        """Stop what start() started, in the reverse order, within `shutdown_grace_seconds`."""
+        self._deadline = None
+        await self._running.aclose()
+        event("stopped")
+
+    def _grace_left(self) -> float:
+        """Seconds of the shutdown grace left for a step, less the reserve for the last steps; the
+        grace starts with the first step that asks (a stop, or a start that failed)."""
+        loop = asyncio.get_running_loop()
+        grace = self.config.shutdown_grace_seconds
+        if self._deadline is None:
+            self._deadline = loop.time() + grace
+        reserve = min(CLEANUP_RESERVE_SECONDS, grace / 4)
+        return max(0.0, self._deadline - loop.time() - reserve)
+
+    async def _stop_sftp(self) -> None:
+        await self.sftp.stop(self._grace_left())
+
+    async def _stop_work(self) -> None:
+        await self.pipeline.stop(self._grace_left())
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
-        if self._metrics_runner is not None:
-            await self._metrics_runner.cleanup()
-        await self.immich.close()
-        await self.pool.close()
-        self.db.close()
-        os.close(self._lock)
-        event("stopped")
 
     async def serve_forever(self) -> None:
-        """Run until SIGTERM or SIGINT, then stop within a few seconds (SPEC §6)."""
+        """Run until SIGTERM or SIGINT, then stop within `shutdown_grace_seconds`. A start that
+        fails ends the process with status 1 and one line saying why (DataDirBusy is the
+        caller's to report)."""
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
-        await self.start()
+        try:
+            await self.start()
+        except DataDirBusy:
+            raise
+        except Exception as exc:
+            # What had started is stopped by now: no worker processes left, the lock released.
+            event("start failed", level=40, error=str(exc) or repr(exc), outcome="exiting")
+            raise SystemExit(1) from None
         await stop.wait()
-        event("stopping", reason="signal")
+        event("stopping", reason="signal", grace_seconds=self.config.shutdown_grace_seconds)
         await self.stop()
 
 
@@ -181,27 +213,41 @@ class Stages:
     pipeline: Pipeline
     intake: Intake
 
+    async def close(self) -> None:
+        """Release the Immich client, the workers and the ledger (the pipeline has stopped)."""
+        try:
+            await self.immich.close()
+            await self.pool.close()
+        finally:
+            self.db.close()
+
 
 async def start_stages(config: Config, layout: Layout, metrics: Metrics) -> Stages:
     """Open the ledger, start the workers, finish what a crash interrupted, and adopt files that
     landed in watch/ while nothing was running (they are complete: no need to let them settle)."""
-    db = LedgerThread(Ledger(layout.ledger))
-    pool = CodecPool(config.optimize.workers or os.cpu_count() or 1, preload=("sftpgate.optimize",))
-    await pool.start()
-    immich = ImmichClient(config.immich.url, timeout_seconds=config.immich.timeout_seconds)
-    pipeline = Pipeline(config, layout, db, pool, immich, metrics)
-    intake = Intake(
-        layout,
-        db,
-        metrics,
-        [u.name for u in config.sftp.users],
-        config.sftp.temp_patterns,
-        config.sftp.remember_days,
-        config.watch.settle_seconds,
-        pipeline.wake,
-    )
-    await pipeline.recover()
-    await intake.scan_watch(settle=False)
+    async with contextlib.AsyncExitStack() as started:  # a step that fails undoes the earlier ones
+        db = LedgerThread(Ledger(layout.ledger))
+        started.callback(db.close)
+        workers = config.optimize.workers or os.cpu_count() or 1
+        pool = CodecPool(workers, preload=("sftpgate.optimize",))
+        started.push_async_callback(pool.close)
+        await pool.start()
+        immich = ImmichClient(config.immich.url, timeout_seconds=config.immich.timeout_seconds)
+        started.push_async_callback(immich.close)
+        pipeline = Pipeline(config, layout, db, pool, immich, metrics)
+        intake = Intake(
+            layout,
+            db,
+            metrics,
+            [u.name for u in config.sftp.users],
+            config.sftp.temp_patterns,
+            config.sftp.remember_days,
+            config.watch.settle_seconds,
+            pipeline.wake,
+        )
+        await pipeline.recover()
+        await intake.scan_watch(settle=False)
+        started.pop_all()
     return Stages(db, pool, immich, pipeline, intake)
 
 

@@ -28,6 +28,8 @@ from typing import Any
 import asyncssh
 import pytest
 
+from sftpgate.ledger import Outcome, State
+
 from .conftest import PASSWORD, eventually, finished, gate_config
 
 # -- shared helpers --------------------------------------------------------------------------
@@ -696,13 +698,26 @@ async def test_ten_thousand_files_in_one_folder_list_quickly(gate, client_key, t
         (on_disk / f"IMG_{i:05d}.jpg").write_bytes(b"x")
 
     def remember(db: Any) -> None:
-        # One transaction for 10,000 rows (the ledger commits each statement on its own).
+        # Delivered rows, written straight into the SQLite file in one transaction: the state
+        # machine has no step that creates a finished upload out of nothing.
+        now = time.time()
         db._db.execute("BEGIN")
-        for i in range(n):
-            db.insert(
-                user="phone", path=f"many/IMG_{i:05d}.jpg", state="done", outcome="uploaded",
-                sha1=f"{i:040x}", size=1000 + i, mtime=1_600_000_000, inode=None,
-            )  # fmt: skip
+        db._db.executemany(
+            "INSERT INTO originals (user, path, state, outcome, sha1, size, mtime, received_at,"
+            " updated_at) VALUES ('phone', ?, ?, ?, ?, ?, 1600000000, ?, ?)",
+            [
+                (
+                    f"many/IMG_{i:05d}.jpg",
+                    State.DONE,
+                    Outcome.UPLOADED,
+                    f"{i:040x}",
+                    1000 + i,
+                    now,
+                    now,
+                )
+                for i in range(n)
+            ],
+        )
         db._db.execute("COMMIT")
 
     await gate.db(remember)

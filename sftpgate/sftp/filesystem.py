@@ -21,7 +21,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import functools
 import hashlib
+import inspect
 import json
 import os
 import posixpath
@@ -32,7 +34,7 @@ import uuid
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar, cast
 
 import asyncssh
 from asyncssh import SFTPAttrs, SFTPName
@@ -40,7 +42,7 @@ from asyncssh import SFTPAttrs, SFTPName
 from ..intake import Intake, Upload
 from ..layout import Layout
 from ..ledger import Remembered
-from ..logs import event
+from ..logs import event, file_event
 
 MAX_PATH_BYTES = 4096
 _FILE_MODE = 0o100644
@@ -279,6 +281,37 @@ class PartStore:
             f.unlink(missing_ok=True)
 
 
+_Method = TypeVar("_Method", bound=Callable[..., Any])
+
+
+def _logs_refusals(method: _Method) -> _Method:
+    """A request this method refuses because of an OSError gets its log line (asyncssh answers
+    with the status code of the errno, and by itself logs nothing above debug)."""
+    operation = method.__name__
+
+    if inspect.iscoroutinefunction(method):
+
+        @functools.wraps(method)
+        async def logged_async(self: GateSFTPServer, target: object, *args: Any) -> Any:
+            try:
+                return await method(self, target, *args)
+            except OSError as exc:
+                self.refused(operation, target, exc, *args[:1])
+                raise
+
+        return cast(_Method, logged_async)
+
+    @functools.wraps(method)
+    def logged(self: GateSFTPServer, target: object, *args: Any) -> Any:
+        try:
+            return method(self, target, *args)
+        except OSError as exc:
+            self.refused(operation, target, exc, *args[:1])
+            raise
+
+    return cast(_Method, logged)
+
+
 class GateSFTPServer(asyncssh.SFTPServer):
     def __init__(
         self,
@@ -297,6 +330,8 @@ class GateSFTPServer(asyncssh.SFTPServer):
         self.parts.expire()
         self.max_handles = max_handles  # checked in protocol.py on OPEN and OPENDIR
         self.on_activity = on_activity  # called by protocol.py for every request
+        # Set once asyncssh has closed (and so finished or parked) every file of the session.
+        self.ended = asyncio.Event()
         root = layout.user_root(self.user)
         root.mkdir(parents=True, exist_ok=True)
         self.root = os.path.realpath(root)
@@ -329,8 +364,42 @@ class GateSFTPServer(asyncssh.SFTPServer):
         rel = self.client_path(path)
         return rel, Path(self.map_path(path).decode())
 
+    def _shown(self, target: object) -> str | None:
+        """The client's path of a request's target: a path, an upload, a file open for reading."""
+        if isinstance(target, UploadFile):
+            return target.path
+        name = target if isinstance(target, bytes) else getattr(target, "name", None)
+        if isinstance(name, bytes):
+            with contextlib.suppress(asyncssh.SFTPError):
+                return self.client_path(name)
+        if isinstance(name, str):
+            return os.path.relpath(name, self.root)
+        return None
+
+    def refused(
+        self, operation: str, target: object, exc: OSError, other: object = None
+    ) -> asyncssh.SFTPError:
+        """Log a request refused because of an OSError (one line), and return the SFTP error that
+        tells the client what went wrong without naming server paths."""
+        file_event(
+            "request refused",
+            level=30,
+            user=self.user,
+            path=self._shown(target) or "?",
+            stage="receive",
+            outcome="refused",
+            operation=operation,
+            to=self._shown(other) if isinstance(other, bytes) else None,
+            error=exc.strerror or str(exc),
+            errno=errno.errorcode.get(exc.errno or 0),
+        )
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            return asyncssh.SFTPFailure("No space left on the server's disk")
+        return asyncssh.SFTPFailure(f"Write failed: {exc.strerror or exc}")
+
     # -- uploads ------------------------------------------------------------------------------
 
+    @_logs_refusals
     async def open(self, path: bytes, pflags: int, attrs: SFTPAttrs) -> object:
         rel, local = self._local(path)
         if not pflags & asyncssh.FXF_WRITE:
@@ -380,14 +449,18 @@ class GateSFTPServer(asyncssh.SFTPServer):
         try:
             file_obj.write(offset, data)
         except OSError as exc:
-            file_obj.failed = _sftp_error(exc)
+            # One line per failed upload: the writes already in flight fail the same way.
+            if file_obj.failed is None:
+                file_obj.failed = self.refused("write", file_obj, exc)
             raise file_obj.failed from None
 
+    @_logs_refusals
     def read(self, file_obj: object, offset: int, size: int) -> bytes:
         if isinstance(file_obj, UploadFile):
             return os.pread(file_obj.fd, size, offset)
         return super().read(file_obj, offset, size)  # type: ignore[return-value]
 
+    @_logs_refusals
     async def close(self, file_obj: object) -> None:
         if not isinstance(file_obj, UploadFile):
             super().close(file_obj)
@@ -416,9 +489,9 @@ class GateSFTPServer(asyncssh.SFTPServer):
                 )
                 await file_obj.flushed()
             except OSError as exc:
-                raise _sftp_error(exc) from None
+                raise self.refused("close", file_obj, exc) from None
             if file_obj.sync_error is not None:
-                raise _sftp_error(file_obj.sync_error)
+                raise self.refused("close", file_obj, file_obj.sync_error)
             file_obj.release()
             upload = Upload(
                 user=self.user,
@@ -431,7 +504,7 @@ class GateSFTPServer(asyncssh.SFTPServer):
             try:
                 await self.intake.finalize_upload(upload)
             except OSError as exc:
-                raise _sftp_error(exc) from None
+                raise self.refused("close", file_obj, exc) from None
             except Exception as exc:  # the ledger's "database or disk is full", say
                 event("upload failed", level=40, user=self.user, path=file_obj.path, error=str(exc))
                 raise asyncssh.SFTPFailure("The server could not record the upload") from None
@@ -447,6 +520,7 @@ class GateSFTPServer(asyncssh.SFTPServer):
             return attrs
         return SFTPAttrs.from_local(os.fstat(file_obj.fileno()))  # type: ignore[attr-defined]
 
+    @_logs_refusals
     def fsetstat(self, file_obj: object, attrs: SFTPAttrs) -> None:
         if not isinstance(file_obj, UploadFile):
             fd = file_obj.fileno()  # type: ignore[attr-defined]
@@ -457,6 +531,7 @@ class GateSFTPServer(asyncssh.SFTPServer):
         if attrs.mtime is not None:
             file_obj.mtime = float(attrs.mtime)
 
+    @_logs_refusals
     async def fsync(self, file_obj: object) -> None:
         # fsync@openssh.com (`sftp -f`): off the loop, like the fsync at CLOSE, and after a
         # background sync under way, whose error only it would hear.
@@ -468,12 +543,13 @@ class GateSFTPServer(asyncssh.SFTPServer):
             await loop.run_in_executor(None, os.fsync, file_obj.fd)
             await file_obj.flushed()
         except OSError as exc:
-            raise _sftp_error(exc) from None
+            raise self.refused("fsync", file_obj, exc) from None
         if file_obj.sync_error is not None:
-            raise _sftp_error(file_obj.sync_error)
+            raise self.refused("fsync", file_obj, file_obj.sync_error)
 
     # -- what the client sees -----------------------------------------------------------------
 
+    @_logs_refusals
     async def stat(self, path: bytes) -> SFTPAttrs:
         rel, local = self._local(path)
         try:
@@ -506,14 +582,20 @@ class GateSFTPServer(asyncssh.SFTPServer):
             yield SFTPName(name.encode(), attrs=_part_attrs(part))
         present: set[str] = set(parts)
         if local.is_dir():
-            for entry in os.scandir(local):
+            try:
+                entries = list(os.scandir(local))
+            except OSError as exc:
+                self.refused("scandir", path, exc)
+                raise
+            for entry in entries:
                 if entry.is_symlink() or entry.name in present:
                     continue
+                try:
+                    st = entry.stat(follow_symlinks=False)
+                except FileNotFoundError:
+                    continue  # delivered meanwhile: the remembered files below show it
                 present.add(entry.name)
-                yield SFTPName(
-                    entry.name.encode(),
-                    attrs=SFTPAttrs.from_local(entry.stat(follow_symlinks=False)),
-                )
+                yield SFTPName(entry.name.encode(), attrs=SFTPAttrs.from_local(st))
         files, dirs = await self.intake.remembered_in_dir(self.user, rel)
         for name, remembered in files.items():
             if name not in present:
@@ -521,6 +603,7 @@ class GateSFTPServer(asyncssh.SFTPServer):
         for name in sorted(dirs - present - set(files)):
             yield SFTPName(name.encode(), attrs=_dir_attrs(time.time()))
 
+    @_logs_refusals
     async def setstat(self, path: bytes, attrs: SFTPAttrs) -> None:
         rel, local = self._local(path)
         part = self.parts.get(self.user, rel)
@@ -543,6 +626,7 @@ class GateSFTPServer(asyncssh.SFTPServer):
 
     lsetstat = setstat
 
+    @_logs_refusals
     async def remove(self, path: bytes) -> None:
         rel, local = self._local(path)
         dropped = self.parts.discard(self.user, rel)  # rclone removes what failed to upload
@@ -555,19 +639,30 @@ class GateSFTPServer(asyncssh.SFTPServer):
             return
         raise asyncssh.SFTPNoSuchFile("No such file")
 
+    @_logs_refusals
     def mkdir(self, path: bytes, attrs: SFTPAttrs) -> None:
         rel, local = self._local(path)
         if not rel:
             raise asyncssh.SFTPFileAlreadyExists("The root folder exists")
-        os.mkdir(local, 0o700)
+        try:
+            os.mkdir(local, 0o700)
+        except FileExistsError:
+            if local.is_dir():
+                # A sync app with parallel transfers stats the folder in each of them, finds it
+                # missing, and each creates it: the later ones find it made. What they asked
+                # for holds, and an error there would fail the upload that asked.
+                return
+            raise
         os.chmod(local, _safe_mode(attrs.permissions if attrs.permissions is not None else 0o755))
 
+    @_logs_refusals
     def rmdir(self, path: bytes) -> None:
         rel, local = self._local(path)
         if not rel:
             raise asyncssh.SFTPPermissionDenied("Cannot remove the root folder")
         os.rmdir(local)
 
+    @_logs_refusals
     async def rename(self, oldpath: bytes, newpath: bytes) -> None:
         old_rel, old_local = self._local(oldpath)
         new_rel, new_local = self._local(newpath)
@@ -596,6 +691,7 @@ class GateSFTPServer(asyncssh.SFTPServer):
         # treats a session that ends without one as failed, after a good upload.
         with contextlib.suppress(Exception):
             self._chan.exit(0)
+        self.ended.set()
 
     def symlink(self, oldpath: bytes, newpath: bytes) -> None:
         raise asyncssh.SFTPPermissionDenied("Symbolic links are not allowed")
@@ -659,9 +755,3 @@ def _dir_attrs(now: float) -> SFTPAttrs:
     return SFTPAttrs(
         type=asyncssh.FILEXFER_TYPE_DIRECTORY, permissions=_DIR_MODE, atime=t, mtime=t, nlink=2
     )
-
-
-def _sftp_error(exc: OSError) -> asyncssh.SFTPError:
-    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-        return asyncssh.SFTPFailure("No space left on the server's disk")
-    return asyncssh.SFTPFailure(f"Write failed: {exc.strerror or exc}")

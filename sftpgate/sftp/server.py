@@ -8,6 +8,10 @@ recent failures is turned away for a while.
 
 Limits (all under `sftp:`): SSH connections in total, SFTP sessions per user, idle time-out, open
 handles per session (enforced in protocol.py).
+
+Stopping closes every connection, idle or mid-upload, and waits (bounded) until each session has
+closed its files: an upload cut off there is parked for a resume, one whose CLOSE was under way
+is finished.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import os
 import time
+import weakref
 from collections import Counter, defaultdict, deque
 from collections.abc import Callable
 from pathlib import Path
@@ -23,6 +28,7 @@ from typing import Any
 import asyncssh
 from asyncssh.stream import SSHServerStreamSession
 
+from ..accounts import known_hash_scheme
 from ..config import Config, UserConfig, parse_listen
 from ..intake import Intake
 from ..layout import Layout
@@ -30,7 +36,6 @@ from ..logs import event
 from ..metrics import Metrics
 from . import protocol
 from .filesystem import GateSFTPServer, PartStore
-from ..accounts import known_hash_scheme
 from .passwords import hash_password
 from .passwords import verify_password as _verify
 
@@ -155,18 +160,17 @@ class GateSSHServer(asyncssh.SSHServer):
         self.user: str | None = None
         self._conn: asyncssh.SSHServerConnection | None = None
         self._counted = False
-        self._open = False
         self._auth_tried = False
         self._failure_counted = False
         self._idle: asyncio.TimerHandle | None = None
         self.last_activity = time.monotonic()
+        self.closed = asyncio.Event()
 
     def connection_made(self, conn: asyncssh.SSHServerConnection) -> None:
         self._conn = conn
         peer = conn.get_extra_info("peername")
         self.addr = peer[0] if peer else "?"
-        self.gate.connections += 1
-        self._open = True
+        self.gate.live.add(self)
         if self.gate.connections > self.gate.sftp.max_connections:
             event("login refused", level=30, address=self.addr, reason="too many connections")
             conn.close()
@@ -242,13 +246,15 @@ class GateSSHServer(asyncssh.SSHServer):
             self._arm_idle(timeout - idle)
             return
         event("idle timeout", user=self.user, address=self.addr, seconds=round(idle))
+        self.close()
+
+    def close(self) -> None:
         if self._conn is not None:
             self._conn.close()
 
     def connection_lost(self, exc: Exception | None) -> None:
-        if self._open:
-            self._open = False
-            self.gate.connections -= 1
+        self.gate.live.discard(self)
+        self.closed.set()
         if self._idle is not None:
             self._idle.cancel()
         if self._counted:
@@ -282,13 +288,19 @@ class SftpGateway:
             for u in config.sftp.users
             if (keys := load_authorized_keys(u, config.path)) is not None
         }
-        self.connections = 0
+        self.live: set[GateSSHServer] = set()
         self.sessions: Counter[str] = Counter()
+        # SFTP sessions whose files may still be open (asyncssh holds them while they run).
+        self._sftp_servers: weakref.WeakSet[GateSFTPServer] = weakref.WeakSet()
         self.parts = PartStore(layout.root / ".resume", self.sftp.resume_keep_seconds)
         self._server: asyncssh.SSHAcceptor | None = None
 
+    @property
+    def connections(self) -> int:
+        return len(self.live)
+
     def new_sftp_server(self, chan: Any, owner: GateSSHServer) -> GateSFTPServer:
-        return GateSFTPServer(
+        server = GateSFTPServer(
             chan,
             self.layout,
             self.intake,
@@ -296,6 +308,8 @@ class SftpGateway:
             max_handles=self.sftp.max_handles,
             on_activity=owner.touch,
         )
+        self._sftp_servers.add(server)
+        return server
 
     async def start(self) -> None:
         protocol.install(self.sftp.max_write_bytes)
@@ -316,7 +330,7 @@ class SftpGateway:
             allow_pty=False,
             login_timeout=self.sftp.login_timeout_seconds,
             encryption_algs=self.sftp.ciphers,  # empty: asyncssh's defaults
-            # Larger SSH packets and window help clients that use them (notes/sftp-bench.md §5).
+            # Larger SSH packets and window help the clients that use them.
             max_pktsize=256 * 1024,
             window=8 * 1024 * 1024,
         )
@@ -326,7 +340,26 @@ class SftpGateway:
         assert self._server is not None
         return int(self._server.sockets[0].getsockname()[1])
 
-    async def stop(self) -> None:
-        if self._server is not None:
-            self._server.close()
-            await self._server.wait_closed()
+    async def stop(self, timeout: float) -> None:
+        """Stop listening, close every connection and wait at most `timeout` seconds for them to
+        end and for their sessions to finish or park their uploads. asyncssh's wait_closed alone
+        does not end connections, and may wait for them for ever."""
+        if self._server is None:
+            return
+        self._server.close()
+        connections, sessions = list(self.live), list(self._sftp_servers)
+        for connection in connections:
+            connection.close()
+        waits = [c.closed.wait() for c in connections] + [s.ended.wait() for s in sessions]
+        try:
+            async with asyncio.timeout(timeout):
+                await asyncio.gather(*waits)
+                await self._server.wait_closed()
+        except TimeoutError:
+            event(
+                "sftp stop timed out",
+                level=30,
+                seconds=timeout,
+                connections=self.connections,
+                outcome="exiting with connections still closing",
+            )
