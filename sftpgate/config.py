@@ -163,8 +163,8 @@ class Config:
     immich: ImmichConfig
     data_dir: str = "./data"
     timezone: str = ""  # IANA name for EXIF dates without offset; "" = the server's zone (TZ)
-    # SIGTERM: how long connected clients and work in flight get before they are closed and
-    # parked. Keep it below the container's stop timeout (the compose example gives 30 s).
+    # SIGTERM: SFTP connections close at once (cut-off uploads stay resumable); uploads to Immich
+    # get this long before they are parked. Below the container's stop timeout (compose: 30 s).
     shutdown_grace_seconds: float = 10.0
     sftp: SftpConfig = field(default_factory=SftpConfig)
     optimize: OptimizeConfig = field(default_factory=OptimizeConfig)
