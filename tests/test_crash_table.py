@@ -11,6 +11,7 @@ complete, a corrupt photo (undone in the optimize stage), and a photo Immich ref
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import re
 import signal
@@ -35,14 +36,17 @@ CORRUPT = "bad/corrupt-entropy.jpg"
 @dataclass(frozen=True)
 class Case:
     kill_at: str
-    scenario: str  # photo | temporary | transient | corrupt | refused | retry
+    scenario: str  # photo | temporary | removed | transient | corrupt | refused | retry
 
 
 CASES = [
+    Case("upload_write:after", "photo"),  # bytes arriving in .staging/
     Case("move_into_watch:before", "photo"),  # CLOSE: fsynced part, not yet in watch/
     Case("record_queued:before", "photo"),  # in watch/, no row yet
     Case("record_queued:after", "photo"),
     Case("record_received:after", "temporary"),
+    Case("remove_waiting:before", "removed"),  # the client removed its temporary upload
+    Case("remove_waiting:after", "removed"),
     Case("rename_to_final:before", "temporary"),
     Case("rename_to_final:after", "temporary"),
     Case("start_optimizing:before", "photo"),
@@ -87,7 +91,9 @@ async def metric(port: int, name: str) -> float:
     return float(m.group(1))
 
 
-async def put(port: int, data: bytes, name: str, rename_to: str | None = None) -> None:
+async def put(
+    port: int, data: bytes, name: str, rename_to: str | None = None, remove: bool = False
+) -> None:
     async with (
         asyncssh.connect(
             "127.0.0.1", port, username="phone", password=PASSWORD, known_hosts=None,
@@ -99,6 +105,8 @@ async def put(port: int, data: bytes, name: str, rename_to: str | None = None) -
             await f.write(data)
         if rename_to:
             await sftp.posix_rename(name, rename_to)
+        if remove:
+            await sftp.remove(name)
 
 
 async def send_until_acknowledged(
@@ -161,6 +169,8 @@ async def test_a_kill_at_each_step_loses_nothing_and_sends_nothing_twice(
             client = asyncio.create_task(
                 send_until_acknowledged(service, port, photo, "IMG_0001.jpg.tmp", "IMG_0001.jpg")
             )
+        elif case.scenario == "removed":
+            client = asyncio.create_task(put(port, photo, "IMG_0001.jpg.tmp", remove=True))
         elif case.scenario == "corrupt":
             await put(port, (corpus / CORRUPT).read_bytes(), "IMG_0001.jpg")
         else:
@@ -169,7 +179,10 @@ async def test_a_kill_at_each_step_loses_nothing_and_sends_nothing_twice(
             )
         await killed_at_its_point(service, case)
         await service.start()
-        if client is not None:
+        if case.scenario == "removed":  # its REMOVE may have been the request killed
+            with contextlib.suppress(OSError, asyncssh.Error):
+                await asyncio.wait_for(client, 60)
+        elif client is not None:
             await asyncio.wait_for(client, 60)
         await eventually(lambda: all_finished(ledger_path), timeout=60, what="the queue to drain")
         queue = await metric(service.metrics_port, "sftpgate_queue_files")
@@ -186,7 +199,11 @@ async def test_a_kill_at_each_step_loses_nothing_and_sends_nothing_twice(
     assert queue == 0
     assert not list((data_dir / ".work").iterdir()), "optimized files left behind"
     assert in_watch == [], f"left in watch/: {in_watch}"
-    if case.scenario == "corrupt" or refused:
+    if case.scenario == "removed":
+        # Removed before delivery: nothing reached Immich, and no row or file is left of it.
+        assert assets == [] and final == [] and kept == [] and undone_gauge == 0
+        assert not any(r.state in (State.RECEIVED, State.QUEUED) for r in rows(ledger_path))
+    elif case.scenario == "corrupt" or refused:
         # Kept for a person, with its reason, and nothing reached Immich.
         assert assets == []
         assert [r.state for r in final] == [State.UNDONE]

@@ -40,6 +40,7 @@ import asyncssh
 from asyncssh import SFTPAttrs, SFTPName
 
 from ..intake import Intake, Upload
+from ..killpoints import kill_point
 from ..layout import Layout
 from ..ledger import Remembered
 from ..logs import event, file_event
@@ -103,6 +104,7 @@ class UploadFile:
         if offset != self.size:
             self._hash_valid = False  # a rewrite or a hole: hashed again from the file at CLOSE
         self.size = max(self.size, offset + len(data))
+        kill_point("upload_write:after")
         self._follow()
 
     def truncate(self, size: int) -> None:
