@@ -1,19 +1,37 @@
-"""What makes a valid account, checked in one place: user names, the folders created in a
-user's root, and the password-hash formats sftpgate can verify. The configuration (config.py,
-users_conf.py) and the SFTP layer both use these; this module depends on nothing of sftpgate's.
+"""What makes a valid account, checked in one place: a user's settings, user names, the folders
+created in a user's root, and the password-hash formats sftpgate can verify. The configuration
+(config.py, users_conf.py) and the SFTP layer both use these; this module depends on nothing of
+sftpgate's, so the configuration stays the bottom layer.
 """
 
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 
 USER_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}")
-# watch/undone/ holds what failed, beside the users' roots in watch/.
-RESERVED_USER_NAMES = frozenset({"undone"})
+# watch/undone/ holds what failed, beside the users' roots in watch/: no user may be called so.
+UNDONE_FOLDER = "undone"
+RESERVED_USER_NAMES = frozenset({UNDONE_FOLDER})
 CRYPT_HASH = re.compile(r"^\$(1|5|6|y|gy|7|2[abxy])\$[./0-9A-Za-z$,=]+$")
 SCRYPT_HASH = re.compile(
     r"^\$scrypt\$ln=(\d+),r=(\d+),p=(\d+)\$([./A-Za-z0-9]+)\$([./A-Za-z0-9]+)$"
 )
+
+
+@dataclass(frozen=True)
+class UserConfig:
+    """One `sftp.users` entry (or a users.conf line)."""
+
+    name: str
+    password: str = ""
+    password_hash: str = ""  # from `sftpgate hash-password`
+    # Public key lines, or one path to an authorized_keys file.
+    authorized_keys: tuple[str, ...] = ()
+    immich_api_key: str = ""  # default: immich.api_key
+    # Folders created in the user's root at start (atmoz/sftp's users.conf dir list), so a client
+    # set up to upload into e.g. "upload/" finds it.
+    folders: tuple[str, ...] = ()
 
 
 def user_name_problem(name: str) -> str | None:

@@ -19,7 +19,8 @@ from typing import Any
 
 import yaml
 
-from .accounts import folder_problem, known_hash_scheme, user_name_problem
+from .accounts import UserConfig, folder_problem, known_hash_scheme, user_name_problem
+from .users_conf import read_users_conf
 
 ENV_TEMPLATE = Path(__file__).with_name("env_config.yaml")
 DEFAULT_TEMP_PATTERNS = ("*.tmp", "*.part", "*.partial", "*.filepart", ".*", "*~")
@@ -43,26 +44,14 @@ class ConfigError(Exception):
 
 
 @dataclass(frozen=True)
-class UserConfig:
-    name: str
-    password: str = ""
-    password_hash: str = ""  # from `sftpgate hash-password`
-    # Public key lines, or one path to an authorized_keys file.
-    authorized_keys: tuple[str, ...] = ()
-    immich_api_key: str = ""  # default: immich.api_key
-    # Folders created in the user's root at start (atmoz/sftp's users.conf dir list), so a client
-    # set up to upload into e.g. "upload/" finds it.
-    folders: tuple[str, ...] = ()
-
-
-@dataclass(frozen=True)
 class SftpConfig:
     listen: str = "0.0.0.0:2222"
     host_keys_dir: str = "./keys"
     users: tuple[UserConfig, ...] = ()
     temp_patterns: tuple[str, ...] = DEFAULT_TEMP_PATTERNS
     remember_days: int = 365
-    # Advertised in limits@openssh.com; OpenSSH's own value. Larger writes were slower (notes).
+    # Advertised in limits@openssh.com; OpenSSH's own value. Larger writes were slower
+    # (measured with the OpenSSH and asyncssh clients on loopback).
     max_write_bytes: int = 261_120
     # SSH ciphers offered (empty: all of SSH_CIPHERS). The client's order picks among them, so
     # the only way to have OpenSSH clients use AES-GCM, which costs asyncssh a quarter less CPU
@@ -386,8 +375,6 @@ def _with_users_conf(cfg: Config, problems: list[str]) -> Config:
     s = cfg.sftp
     if not s.users_conf:
         return cfg
-    from .users_conf import read_users_conf  # it builds UserConfig: imported when used
-
     extra = read_users_conf(
         cfg.path(s.users_conf),
         cfg.path(s.users_conf_home) if s.users_conf_home else None,

@@ -233,18 +233,19 @@ class Importer:
         for part in self.layout.staging.glob(f"{_PART_PREFIX}*"):
             part.unlink(missing_ok=True)  # a killed import's half copy; its source is still there
         # Workers ignore Ctrl-C themselves; this process stops them (see `interrupted`).
-        stages = await start_stages(cfg, self.layout, self.metrics)
-        self.db, self.pool, self.immich = stages.db, stages.pool, stages.immich
-        self.pipeline, self.intake = stages.pipeline, stages.intake
+        self.stages = await start_stages(cfg, self.layout, self.metrics)
+        self.db, self.pipeline, self.intake = (
+            self.stages.db,
+            self.stages.pipeline,
+            self.stages.intake,
+        )
         self.runner = asyncio.create_task(self.pipeline.run())
 
     async def _stop(self) -> None:
-        await self.pipeline.stop()
+        await self.pipeline.stop(self.config.shutdown_grace_seconds)
         self.runner.cancel()
         await asyncio.gather(self.runner, return_exceptions=True)
-        await self.immich.close()
-        await self.pool.close()
-        self.db.close()
+        await self.stages.close()
 
     # -- the import ---------------------------------------------------------------------------
 
@@ -272,7 +273,7 @@ class Importer:
         self.display = _Display(self.out, len(files), self.tty)
         # Enough files in flight to keep every worker and upload slot busy, few enough that watch/
         # never holds more than a handful of copies.
-        window = max(4, 2 * (self.pool.size + self.config.retry.upload_concurrency))
+        window = max(4, 2 * (self.stages.pool.size + self.config.retry.upload_concurrency))
         try:
             todo = files
             while todo and not self.interrupted.is_set():

@@ -334,7 +334,7 @@ class Intake:
         out: list[tuple[str, str, str]] = []
         default_user = self.users[0]
         for entry in os.scandir(self.layout.watch):
-            if entry.name.startswith(".") or entry.name == "undone":
+            if entry.name.startswith(".") or entry.name == self.layout.undone.name:
                 continue
             if entry.is_file(follow_symlinks=False):
                 out.append((default_user, entry.name, entry.path))

@@ -7,6 +7,8 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from .accounts import UNDONE_FOLDER
+
 
 @dataclass(frozen=True)
 class Layout:
@@ -18,7 +20,7 @@ class Layout:
 
     @property
     def undone(self) -> Path:
-        return self.watch / "undone"
+        return self.watch / UNDONE_FOLDER
 
     @property
     def staging(self) -> Path:

@@ -17,8 +17,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .accounts import folder_problem, known_hash_scheme, user_name_problem
-from .config import UserConfig
+from .accounts import UserConfig, folder_problem, known_hash_scheme, user_name_problem
 
 
 def read_users_conf(

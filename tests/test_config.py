@@ -241,3 +241,11 @@ def test_config_is_the_bottom_layer_and_imports_nothing_of_the_sftp_server(tmp_p
     )
     out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+@pytest.mark.parametrize("module", ["sftpgate.accounts", "sftpgate.users_conf"])
+def test_the_account_rules_and_users_conf_sit_below_config(module):
+    """config.py uses them, so they must not use it: the dependency goes one way."""
+    probe = f"import sys, {module}; print(*(m for m in sys.modules if m.startswith('sftpgate.')))"
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
+    assert set(out.stdout.split()) <= {module, "sftpgate.accounts"}

@@ -2,17 +2,18 @@
 
 - WRITE with trailing bytes: rclone 1.60 (Go pkg/sftp) sends short writes whose packet length
   covers its whole buffer; OpenSSH ignores the excess, stock asyncssh fails the upload with
-  SSH_FX_BAD_MESSAGE (notes/sftp-bench.md §7). We accept them like OpenSSH.
-- limits@openssh.com advertises the server's configured write size (OpenSSH's 255 KiB) instead of
-  asyncssh's 4 MiB: the OpenSSH and asyncssh clients size their writes from it, and 4 MiB writes
-  were slower (notes/sftp-bench.md §5).
+  SSH_FX_BAD_MESSAGE. We accept them like OpenSSH.
+- limits@openssh.com advertises the server's configured write size (OpenSSH's 255 KiB, and a packet
+  length 1 KiB above it, as asyncssh derives its own) instead of asyncssh's 4 MiB: the OpenSSH and
+  asyncssh clients size their writes from it, and 4 MiB writes were slower (bench/README.md).
 - CLOSE marks the file as closed *by the client*. asyncssh also calls `close()` for every handle
   left open when a connection drops; only a real CLOSE may finish an upload, so a client that
   disconnects mid-upload leaves nothing in watch/.
 - OPENDIR of something that is not a directory fails at once, as with OpenSSH, rather than at the
   first READDIR.
 - OPEN and OPENDIR fail with SSH_FX_FAILURE once a session holds `max_handles` handles, so a client
-  cannot pile up file descriptors and memory; the client can close some and go on.
+  cannot pile up file descriptors and memory; the client can close some and go on. The open-handle
+  count limits@openssh.com reports (asyncssh: the process's file limit) is capped at that number.
 - Every request counts as activity for the connection's idle time-out (server.py).
 - Received data is handed to the SSH transport in pieces of at most RECEIVE_PIECE bytes. The
   transport keeps unparsed input in one bytes object and slices each packet off its front, which
@@ -35,6 +36,8 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import inspect
+import logging
+import os
 import textwrap
 from typing import Any
 
@@ -42,6 +45,7 @@ import asyncssh
 from asyncssh import connection as _connection
 from asyncssh import sftp as _sftp
 from asyncssh.crypto import chacha as _chacha
+from asyncssh.misc import plural
 from asyncssh.packet import Byte, UInt32
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.ciphers import Cipher
@@ -74,7 +78,8 @@ class UntestedAsyncssh(RuntimeError):
     """The installed asyncssh is not one the protocol overrides were checked against."""
 
 
-def check_asyncssh_version(version: str = asyncssh.__version__) -> None:
+def check_asyncssh_version() -> None:
+    version = asyncssh.__version__
     minor = ".".join(version.split(".")[:2])
     if minor not in TESTED_ASYNCSSH:
         raise UntestedAsyncssh(
@@ -201,34 +206,39 @@ async def _process_open(self: Any, packet: Any) -> Any:
     return await _stock["open"](self, packet)
 
 
-async def _process_write(self: Any, packet: Any) -> None:
+async def _process_write(self: Any, packet: Any) -> object:
     handle = packet.get_string()
     offset = packet.get_uint64()
     data = packet.get_string()
     # No check_end(): trailing bytes after the data are ignored, as OpenSSH does.
+    if self.logger.isEnabledFor(logging.DEBUG):  # upstream's log line; formatting it costs 4 µs
+        self.logger.debug1(
+            "Received write for %s at offset %d in handle %s",
+            plural(len(data), "byte"),
+            offset,
+            handle.hex(),
+        )
     file_obj = self._file_handles.get(handle)
     if not file_obj:
         raise _sftp.SFTPInvalidHandle("Invalid file handle")
     result = self._server.write(file_obj, offset, data)
     if inspect.isawaitable(result):
-        await result
+        result = await result
+    return result
 
 
 async def _process_close(self: Any, packet: Any) -> None:
     handle = packet.get_string()
     if self._version < 6:  # as upstream: SFTP v6 lets CLOSE carry extensions
         packet.check_end()
-    file_obj = self._file_handles.get(handle)
-    if file_obj is not None and hasattr(file_obj, "closed_by_client"):
-        file_obj.closed_by_client = True
-    try:
-        result = self._server.close(file_obj) if file_obj is not None else None
+    self.logger.debug1("Received close for handle %s", handle.hex())
+    file_obj = self._file_handles.pop(handle, None)
+    if file_obj:
+        if hasattr(file_obj, "closed_by_client"):
+            file_obj.closed_by_client = True
+        result = self._server.close(file_obj)
         if inspect.isawaitable(result):
             await result
-    finally:
-        if file_obj is not None:
-            self._file_handles.pop(handle, None)
-    if file_obj is not None:
         return
     if self._dir_handles.pop(handle, None) is None:
         raise _sftp.SFTPInvalidHandle("Invalid file handle")
@@ -237,6 +247,9 @@ async def _process_close(self: Any, packet: Any) -> None:
 async def _process_opendir(self: Any, packet: Any) -> bytes:
     _check_handles(self)
     path = packet.get_string()
+    if self._version < 6:
+        packet.check_end()
+    self.logger.debug1("Received opendir for %s", path)
     attrs = self._server.stat(path)
     if inspect.isawaitable(attrs):
         attrs = await attrs
@@ -251,7 +264,11 @@ async def _process_opendir(self: Any, packet: Any) -> bytes:
 async def _process_limits(self: Any, packet: Any) -> Any:
     packet.check_end()
     write = _installed_write_size[0]
-    return _sftp.SFTPLimits(write + 1024, _sftp.MAX_SFTP_READ_LEN, write, 1024)
+    handles = os.sysconf("SC_OPEN_MAX") - 5  # asyncssh's count: the file limit, less a few
+    limit = getattr(self._server, "max_handles", None)
+    if limit is not None:
+        handles = min(handles, limit)
+    return _sftp.SFTPLimits(write + 1024, _sftp.MAX_SFTP_READ_LEN, write, handles)
 
 
 _CHACHA_BLOCK_0 = bytes(64)
