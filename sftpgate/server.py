@@ -24,6 +24,7 @@ from .layout import Layout, lock_data_dir
 from .ledger import Ledger, LedgerThread
 from .logs import event
 from .metrics import Metrics, health_app
+from .notify import Notifier, Totals
 from .pipeline import Pipeline
 from .sftp.server import SftpGateway
 from .workers import CodecPool
@@ -36,6 +37,7 @@ class Service:
         self.config = config
         self.layout = Layout(config.data_path)
         self.metrics = Metrics()
+        self.notifier = Notifier(config, self.metrics)
         self._tasks: list[asyncio.Task[None]] = []
         self._metrics_runner: web.AppRunner | None = None
         self.metrics_port: int | None = None
@@ -46,7 +48,8 @@ class Service:
         self._lock = lock_data_dir(self.layout.root)
         self.layout.ensure(users)
         _remove_stale_parts(self.layout)
-        stages = await start_stages(cfg, self.layout, self.metrics)
+        stages = await start_stages(cfg, self.layout, self.metrics, self.notifier)
+        self.notifier.start(lambda: stages.db(_digest_totals))
         self.db, self.pool, self.immich = stages.db, stages.pool, stages.immich
         self.pipeline, self.intake = stages.pipeline, stages.intake
         self._tasks.append(asyncio.create_task(self.pipeline.run()))
@@ -130,6 +133,7 @@ class Service:
         with contextlib.suppress(Exception):
             await self.sftp.stop()
         await self.pipeline.stop()
+        await self.notifier.stop()  # after the pipeline: its last undone files are told
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
@@ -164,14 +168,16 @@ class Stages:
     intake: Intake
 
 
-async def start_stages(config: Config, layout: Layout, metrics: Metrics) -> Stages:
+async def start_stages(
+    config: Config, layout: Layout, metrics: Metrics, notifier: Notifier | None = None
+) -> Stages:
     """Open the ledger, start the workers, finish what a crash interrupted, and adopt files that
     landed in watch/ while nothing was running (they are complete: no need to let them settle)."""
     db = LedgerThread(Ledger(layout.ledger))
     pool = CodecPool(config.optimize.workers or os.cpu_count() or 1, preload=("sftpgate.optimize",))
     await pool.start()
     immich = ImmichClient(config.immich.url, timeout_seconds=config.immich.timeout_seconds)
-    pipeline = Pipeline(config, layout, db, pool, immich, metrics)
+    pipeline = Pipeline(config, layout, db, pool, immich, metrics, notifier)
     intake = Intake(
         layout,
         db,
@@ -185,6 +191,17 @@ async def start_stages(config: Config, layout: Layout, metrics: Metrics) -> Stag
     await pipeline.recover()
     await intake.scan_watch(settle=False)
     return Stages(db, pool, immich, pipeline, intake)
+
+
+def _digest_totals(db: Ledger) -> Totals:
+    """The running totals the daily digest subtracts from the previous day's."""
+    original, sent = db.bytes_saved()
+    return {
+        **db.count_by_outcome(),
+        "bytes_original": original,
+        "bytes_sent": sent,
+        "undone_now": db.count_unfinished().get("undone", 0),
+    }
 
 
 def _not_a_removal(change: watchfiles.Change, path: str) -> bool:

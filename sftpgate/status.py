@@ -14,6 +14,7 @@ from .config import Config
 from .immich.client import ImmichClient
 from .layout import Layout, move_durably
 from .ledger import Ledger
+from .notify import format_notification_status, notification_status
 
 
 async def collect_status(config: Config) -> dict[str, Any]:
@@ -58,6 +59,7 @@ async def collect_status(config: Config) -> dict[str, Any]:
         "undone": undone,
         "retrying": waiting,
         "immich": {"url": config.immich.url, "reachable": immich_up},
+        "notifications": notification_status(config),
     }
 
 
@@ -77,6 +79,7 @@ def format_status(s: dict[str, Any]) -> str:
     )
     reach = "reachable" if s["immich"]["reachable"] else "NOT reachable"
     lines.append(f"immich: {s['immich']['url']} {reach}")
+    lines += format_notification_status(s["notifications"])
     if s["retrying"]:
         lines.append(f"retrying ({len(s['retrying'])}):")
         lines += [
