@@ -335,6 +335,7 @@ class Notifier:
         self._uploads_refused = False
         self._disk_low = False
         self._tasks: list[asyncio.Task[None]] = []
+        self._http: aiohttp.ClientSession | None = None
 
     @property
     def enabled(self) -> bool:
@@ -413,12 +414,11 @@ class Notifier:
         self._state = _read_state(self.state_path)
         self._state.setdefault("targets", {})
         self._save()  # the configured targets show in `sftpgate status` from the start
-        http = aiohttp.ClientSession(
+        self._http = aiohttp.ClientSession(
             timeout=aiohttp.ClientTimeout(total=SEND_TIMEOUT_SECONDS),
             headers={"User-Agent": "sftpgate"},
         )
-        self._http = http
-        self._tasks = [asyncio.create_task(s.run(http)) for s in self._senders]
+        self._tasks = [asyncio.create_task(s.run(self._http)) for s in self._senders]
         self._tasks.append(asyncio.create_task(self._watch(totals)))
 
     async def stop(self) -> None:
@@ -433,7 +433,8 @@ class Notifier:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         self._tasks = []
-        await self._http.close()
+        if self._http is not None:
+            await self._http.close()
 
     async def _watch(self, totals: Callable[[], Awaitable[Totals]] | None) -> None:
         next_disk = 0.0
