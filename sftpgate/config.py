@@ -20,6 +20,7 @@ from typing import Any
 import yaml
 
 from .accounts import UserConfig, folder_problem, known_hash_scheme, user_name_problem
+from .networks import parse_network
 from .users_conf import read_users_conf
 
 ENV_TEMPLATE = Path(__file__).with_name("env_config.yaml")
@@ -75,6 +76,11 @@ class SftpConfig:
     max_handles: int = 256
     # An upload cut off mid-way stays resumable (`reput`) this long; 0 discards it at once.
     resume_keep_seconds: float = 86400.0
+    # Addresses (CIDRs) of TCP proxies that put a PROXY protocol header (v1 or v2) in front of
+    # every connection: the client address it carries is the one bans, logs and metrics use.
+    proxy_protocol: tuple[str, ...] = ()
+    # Addresses (CIDRs) whose failed logins are logged and counted but never lead to a ban.
+    ban_allowlist: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -142,6 +148,32 @@ class MetricsConfig:
 
 
 @dataclass(frozen=True)
+class SmtpConfig:
+    host: str = ""  # "" sends no mail
+    port: int = 587
+    security: str = "starttls"  # starttls | tls (SMTPS, port 465) | none (a local relay)
+    username: str = ""
+    password: str = ""
+    sender: str = ""
+    to: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class NotifyConfig:
+    webhook: str = ""  # URL; "" sends none
+    webhook_format: str = "auto"  # auto | json | ntfy | gotify | apprise
+    smtp: SmtpConfig = field(default_factory=SmtpConfig)
+    # Files that went to undone/ are told in one message at most this often.
+    min_interval: float = 600.0
+    # Immich not answering, or refusing uploads, for this long is told (and its return).
+    immich_down_after: float = 3600.0
+    # Less free space than this on the data disk is told ("0" never); 5GiB, 500MB, ... accepted.
+    disk_free_below: str = "5GiB"
+    # "HH:MM" (local time, or `timezone`) for a daily digest; "" sends none.
+    daily_digest: str = ""
+
+
+@dataclass(frozen=True)
 class LogConfig:
     format: str = "text"  # text | json
     level: str = "info"
@@ -160,6 +192,7 @@ class Config:
     retry: RetryConfig = field(default_factory=RetryConfig)
     watch: WatchConfig = field(default_factory=WatchConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    notify: NotifyConfig = field(default_factory=NotifyConfig)
     log: LogConfig = field(default_factory=LogConfig)
     # Directory of the config file; relative paths in the file are relative to it.
     base_dir: str = field(default=".", metadata={"internal": True})
@@ -185,6 +218,8 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "optimize.png.mode": ("lossless", "keep"),
     "optimize.video.mode": ("hevc", "av1", "keep"),
     "optimize.on_error": ("undone", "upload-original"),
+    "notify.webhook_format": ("auto", "json", "ntfy", "gotify", "apprise"),
+    "notify.smtp.security": ("starttls", "tls", "none"),
     "log.format": ("text", "json"),
     "log.level": ("debug", "info", "warning", "error"),
 }
@@ -192,6 +227,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
 _VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhd]?)\s*$")
 _DURATION_UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(i?)B?\s*$", re.IGNORECASE)
 
 
 def _interpolate(value: str, key: str, problems: list[str], env: typing.Mapping[str, str]) -> str:
@@ -220,7 +256,9 @@ def _convert(
     if origin is tuple:
         (item_tp, _) = typing.get_args(tp)
         if isinstance(value, str) and item_tp is str:
-            value = [value]
+            # One string is a list of one; an empty one (an unset `${VAR:-}`) a list of none.
+            text = _interpolate(value, key, problems, env)
+            return (text,) if text else ()
         if not isinstance(value, list):
             problems.append(f"{key}: expected a list, got {type(value).__name__}")
             return ()
@@ -312,6 +350,7 @@ def _check(cfg: Config, problems: list[str]) -> None:
         except ValueError as exc:
             problems.append(f"{key}: {exc}")
     _check_sftp(cfg, problems)
+    _check_notify(cfg.notify, problems)
     if not cfg.sftp.users:
         problems.append("sftp.users: at least one user is required")
     seen: set[str] = set()
@@ -358,6 +397,14 @@ def _check_sftp(cfg: Config, problems: list[str]) -> None:
             problems.append(
                 f"sftp.ciphers[{i}]: unknown cipher {cipher!r} (one of {', '.join(SSH_CIPHERS)})"
             )
+    for name in ("proxy_protocol", "ban_allowlist"):
+        for i, value in enumerate(getattr(s, name)):
+            try:
+                parse_network(value)
+            except ValueError:
+                problems.append(
+                    f"sftp.{name}[{i}]: {value!r} is not an address or network (10.0.0.0/8, ::1)"
+                )
     for i, u in enumerate(s.users):
         if u.password_hash and not known_hash_scheme(u.password_hash):
             problems.append(
@@ -367,6 +414,49 @@ def _check_sftp(cfg: Config, problems: list[str]) -> None:
         for folder in u.folders:
             if problem := folder_problem(folder):
                 problems.append(f"sftp.users[{i}].folders: {problem}")
+
+
+def _check_notify(n: NotifyConfig, problems: list[str]) -> None:
+    """The notification keys' own rules."""
+    from urllib.parse import urlsplit
+
+    if n.webhook:
+        try:
+            url = urlsplit(n.webhook)
+            valid = url.scheme in ("http", "https") and bool(url.hostname) and url.port != 0
+        except ValueError:  # a port that is not a number, a broken IPv6 literal
+            valid = False
+        if not valid:
+            # Never echo the URL: it usually carries a token.
+            problems.append("notify.webhook: must be an http:// or https:// URL with a host")
+    smtp = n.smtp
+    if smtp.host:
+        if not smtp.to:
+            problems.append("notify.smtp.to: at least one address is needed with notify.smtp.host")
+        if not smtp.sender:
+            problems.append("notify.smtp.sender: required with notify.smtp.host")
+        if not 0 < smtp.port <= 65535:
+            problems.append("notify.smtp.port: must be 1 to 65535")
+    for name in ("min_interval", "immich_down_after"):
+        if getattr(n, name) < 0:
+            problems.append(f"notify.{name}: must not be negative")
+    try:
+        parse_size(n.disk_free_below)
+    except ValueError:
+        problems.append(
+            f"notify.disk_free_below: expected a size like 5GiB or 500MB, got {n.disk_free_below!r}"
+        )
+    if n.daily_digest and not re.fullmatch(r"([01]\d|2[0-3]):[0-5]\d", n.daily_digest):
+        problems.append(f"notify.daily_digest: expected HH:MM or empty, got {n.daily_digest!r}")
+
+
+def parse_size(value: str) -> int:
+    """Bytes in "5GiB", "500MB", "1.5G", "1048576" (KB, MB ... are powers of 1000, KiB ... of 1024)."""
+    m = _SIZE.match(value)
+    if not m:
+        raise ValueError(value)
+    base = 1024 if m.group(3) else 1000
+    return int(float(m.group(1)) * base ** " KMGT".index(m.group(2).upper() or " "))
 
 
 def _with_users_conf(cfg: Config, problems: list[str]) -> Config:

@@ -20,6 +20,7 @@ from prometheus_client import (
 
 from . import __version__
 from .ledger import Outcome
+from .notify import TARGETS
 
 STAGES = ("optimize", "upload")
 _DURATION_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 900, 3600)
@@ -70,6 +71,18 @@ class Metrics:
         self.retries = Counter(
             "sftpgate_retries", "Attempts that failed transiently and were retried.", registry=r
         )
+        self.notifications_sent = Counter(
+            "sftpgate_notifications_sent",
+            "Notifications delivered, by target (webhook, mail).",
+            ["target"],
+            registry=r,
+        )
+        self.notification_failures = Counter(
+            "sftpgate_notification_failures",
+            "Notification attempts that failed (each is retried with back-off), by target.",
+            ["target"],
+            registry=r,
+        )
         self.build_info = Gauge(
             "sftpgate_build_info", "Build information.", ["version"], registry=r
         )
@@ -79,6 +92,9 @@ class Metrics:
             self.processed_files.labels(outcome=outcome)
         for stage in STAGES:
             self.stage_duration.labels(stage=stage)
+        for target in TARGETS:
+            self.notifications_sent.labels(target=target)
+            self.notification_failures.labels(target=target)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

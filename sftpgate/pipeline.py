@@ -35,6 +35,7 @@ from .ledger import (
 )
 from .logs import event, file_event
 from .metrics import Metrics
+from .notify import Notifier
 from .optimize import OptimizeResult, optimize_file
 from .status import finish_interrupted_retries
 from .workers import CodecPool, CodecWorkerError
@@ -49,8 +50,10 @@ class Pipeline:
         pool: CodecPool,
         immich: ImmichClient,
         metrics: Metrics,
+        notifier: Notifier | None = None,
     ) -> None:
         self.config = config
+        self.notifier = notifier or Notifier(config)  # one without targets tells no one
         self.layout = layout
         self.db = db
         self.pool = pool
@@ -212,6 +215,7 @@ class Pipeline:
         while True:
             up = await self.immich.ping()
             self.metrics.immich_up.set(1 if up else 0)
+            self.notifier.immich_ping(up)
             if up and not self._immich_up.is_set():
                 self._immich_up.set()
                 event("immich up", outcome="uploads resume")
@@ -347,13 +351,16 @@ class Pipeline:
                     checksum=row.upload_sha1 or row.sha1,
                 )
             except TransientImmichError as exc:
+                self.notifier.immich_upload(refused=True)
                 if not await self.immich.ping():
                     self._immich_up.clear()  # pause every upload until the watcher sees Immich back
                 await self._retry_later(row, "upload", str(exc), getattr(exc, "retry_after", None))
                 return
             except PermanentImmichError as exc:
+                self.notifier.immich_upload(refused=exc.status in (401, 403))
                 await self._undone(row, "upload", str(exc))
                 return
+        self.notifier.immich_upload(refused=False)
         self.metrics.stage_duration.labels(stage="upload").observe(time.monotonic() - started)
         # The asset id is committed before anything is deleted.
         await self.db(lambda db: db.confirm_asset(row.id, outcome.asset_id))
@@ -500,6 +507,7 @@ class Pipeline:
             reason=row.reason,
             kept_in=str(dst),
         )
+        self.notifier.file_undone(row.user, row.path, row.reason or "")
 
     async def _reload(self, row: Original) -> Original | None:
         return await self.db(lambda db: db.get(row.id))

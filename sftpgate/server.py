@@ -26,9 +26,10 @@ from .control import ControlServer
 from .immich.client import ImmichClient
 from .intake import Intake
 from .layout import DataDirBusy, Layout, lock_data_dir
-from .ledger import Ledger, LedgerThread
+from .ledger import Ledger, LedgerThread, State
 from .logs import event
 from .metrics import Metrics, health_app
+from .notify import Notifier, Totals
 from .pipeline import Pipeline
 from .sftp.server import SftpGateway
 from .status import requeue_undone
@@ -45,6 +46,7 @@ class Service:
         self.config = config
         self.layout = Layout(config.data_path)
         self.metrics = Metrics()
+        self.notifier = Notifier(config, self.metrics)
         self._tasks: list[asyncio.Task[None]] = []
         self.metrics_port: int | None = None
         self._running = contextlib.AsyncExitStack()  # how to stop what start() started
@@ -58,10 +60,13 @@ class Service:
             started.callback(os.close, self._lock)
             self.layout.ensure(users)
             _remove_stale_parts(self.layout)
-            stages = await start_stages(cfg, self.layout, self.metrics)
+            stages = await start_stages(cfg, self.layout, self.metrics, self.notifier)
             self.db, self.pool, self.immich = stages.db, stages.pool, stages.immich
             self.pipeline, self.intake = stages.pipeline, stages.intake
             started.push_async_callback(stages.close)
+            self.notifier.start(lambda: stages.db(_digest_totals))
+            # Stopped after the pipeline, so its last undone files are still told.
+            started.push_async_callback(self.notifier.stop)
             self._tasks.append(asyncio.create_task(self.pipeline.run()))
             self._tasks.append(asyncio.create_task(self._scan_forever()))
             started.push_async_callback(self._stop_work)
@@ -222,7 +227,9 @@ class Stages:
             self.db.close()
 
 
-async def start_stages(config: Config, layout: Layout, metrics: Metrics) -> Stages:
+async def start_stages(
+    config: Config, layout: Layout, metrics: Metrics, notifier: Notifier | None = None
+) -> Stages:
     """Open the ledger, start the workers, finish what a crash interrupted, and adopt files that
     landed in watch/ while nothing was running (they are complete: no need to let them settle)."""
     async with contextlib.AsyncExitStack() as started:  # a step that fails undoes the earlier ones
@@ -234,7 +241,7 @@ async def start_stages(config: Config, layout: Layout, metrics: Metrics) -> Stag
         await pool.start()
         immich = ImmichClient(config.immich.url, timeout_seconds=config.immich.timeout_seconds)
         started.push_async_callback(immich.close)
-        pipeline = Pipeline(config, layout, db, pool, immich, metrics)
+        pipeline = Pipeline(config, layout, db, pool, immich, metrics, notifier)
         intake = Intake(
             layout,
             db,
@@ -249,6 +256,17 @@ async def start_stages(config: Config, layout: Layout, metrics: Metrics) -> Stag
         await intake.scan_watch(settle=False)
         started.pop_all()
     return Stages(db, pool, immich, pipeline, intake)
+
+
+def _digest_totals(db: Ledger) -> Totals:
+    """The running totals the daily digest subtracts from the previous day's."""
+    original, sent = db.bytes_saved()
+    return {
+        **db.count_by_outcome(),
+        "bytes_original": original,
+        "bytes_sent": sent,
+        "undone_now": db.count_unfinished().get(State.UNDONE, 0),
+    }
 
 
 def _not_a_removal(change: watchfiles.Change, path: str) -> bool:

@@ -18,6 +18,7 @@ from .immich.client import ImmichClient
 from .killpoints import kill_point
 from .layout import DataDirBusy, Layout, lock_data_dir, move_durably
 from .ledger import Ledger, Original, Outcome, State
+from .notify import format_notification_status, notification_status
 
 
 async def collect_status(config: Config) -> dict[str, Any]:
@@ -64,6 +65,7 @@ async def collect_status(config: Config) -> dict[str, Any]:
         "undone": undone,
         "retrying": waiting,
         "immich": {"url": config.immich.url, "reachable": immich_up},
+        "notifications": notification_status(config),
     }
 
 
@@ -79,6 +81,7 @@ def format_status(s: dict[str, Any]) -> str:
     )
     reach = "reachable" if s["immich"]["reachable"] else "NOT reachable"
     lines.append(f"immich: {s['immich']['url']} {reach}")
+    lines += format_notification_status(s["notifications"])
     if s["retrying"]:
         lines.append(f"retrying ({len(s['retrying'])}):")
         lines += [

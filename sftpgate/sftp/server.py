@@ -4,7 +4,8 @@ Shell, exec (and so legacy scp), port, agent and X11 forwarding and every other 
 refused. Unknown users go through the same password check as known ones (against a dummy hash),
 and every failed attempt is answered after the same fixed delay, so neither answer nor timing tells
 an attacker which user names exist. Failures are counted per address; an address with too many
-recent failures is turned away for a while.
+recent failures is turned away for a while, unless it is in `sftp.ban_allowlist`. Behind a TCP
+proxy the address is the client's, from the PROXY header (proxy.py).
 
 Limits (all under `sftp:`): SSH connections in total, SFTP sessions per user, idle time-out, open
 handles per session (enforced in protocol.py).
@@ -34,10 +35,12 @@ from ..intake import Intake
 from ..layout import Layout
 from ..logs import event
 from ..metrics import Metrics
+from ..networks import Networks
 from . import protocol
 from .filesystem import GateSFTPServer, PartStore
 from .passwords import hash_password
 from .passwords import verify_password as _verify
+from .proxy import ProxyHeaderListener
 
 __all__ = ["LoginGuard", "SftpGateway", "hash_password", "known_hash_scheme", "verify_password"]
 
@@ -267,9 +270,17 @@ class GateSSHServer(asyncssh.SSHServer):
         if method == "publickey" and self._failure_counted:
             return
         self._failure_counted = True
-        self.gate.guard.failed(self.addr)
+        never_banned = self.addr in self.gate.ban_allowlist
+        if not never_banned:
+            self.gate.guard.failed(self.addr)
         self.gate.metrics.sftp_auth_failures.inc()
-        event("login failed", level=30, address=self.addr, method=method)
+        event(
+            "login failed",
+            level=30,
+            address=self.addr,
+            method=method,
+            ban="never (sftp.ban_allowlist)" if never_banned else None,
+        )
 
 
 class SftpGateway:
@@ -282,6 +293,7 @@ class SftpGateway:
         self.intake = intake
         self.metrics = metrics
         self.guard = LoginGuard(self.sftp.ban_after_failures, self.sftp.ban_seconds)
+        self.ban_allowlist = Networks(self.sftp.ban_allowlist)
         self.users = {u.name: u for u in config.sftp.users}
         self.authorized_keys = {
             u.name: keys
@@ -319,9 +331,12 @@ class SftpGateway:
         self.parts.load()
         host, port = parse_listen(self.sftp.listen)
         host_keys = ensure_host_keys(self.config.path(self.sftp.host_keys_dir))
+        proxies = Networks(self.sftp.proxy_protocol)
         self._server = await asyncssh.listen(
             host,
             port,
+            # Through the listener that reads PROXY headers first, when proxies are configured.
+            tunnel=ProxyHeaderListener(proxies) if proxies else (),
             server_host_keys=host_keys,
             server_factory=lambda: GateSSHServer(self),
             allow_scp=False,
