@@ -73,14 +73,10 @@ def cmd_hash_password(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    from .status import NoLedger, collect_status, format_status
+    from .status import collect_status, format_status
 
     config = _load(args)
-    try:
-        report = _run(collect_status(config))
-    except NoLedger as exc:
-        print(f"sftpgate status: {exc}", file=sys.stderr)
-        return 2
+    report = _run(collect_status(config))
     print(json.dumps(report, indent=2) if args.json else format_status(report))
     return 0
 

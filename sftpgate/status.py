@@ -23,37 +23,39 @@ from .notify import format_notification_status, notification_status
 
 async def collect_status(config: Config) -> dict[str, Any]:
     layout = Layout(config.data_path)
-    if not layout.ledger.exists():
-        raise NoLedger(f"no ledger at {layout.ledger}: sftpgate has not run with this data_dir")
-    ledger = Ledger(layout.ledger, readonly=True)
-    try:
-        states = ledger.count_by_state()
-        outcomes = ledger.count_by_outcome()
-        original, sent = ledger.bytes_saved()
-        undone = [
-            {
-                "user": r.user,
-                "path": r.path,
-                "stage": r.stage,
-                "reason": r.reason,
-                "attempts": r.attempts,
-                "file": r.undone_path,
-            }
-            for r in ledger.undone()
-        ]
-        waiting = [
-            {
-                "user": r.user,
-                "path": r.path,
-                "state": r.state,
-                "attempts": r.attempts,
-                "reason": r.reason,
-            }
-            for r in ledger.unfinished()
-            if r.attempts
-        ]
-    finally:
-        ledger.close()
+    # Before the service's first start there is no ledger yet: nothing to count, and a reader
+    # must not create one.
+    states, outcomes, (original, sent), undone, waiting = {}, {}, (0, 0), [], []
+    if layout.ledger.exists():
+        ledger = Ledger(layout.ledger, readonly=True)
+        try:
+            states = ledger.count_by_state()
+            outcomes = ledger.count_by_outcome()
+            original, sent = ledger.bytes_saved()
+            undone = [
+                {
+                    "user": r.user,
+                    "path": r.path,
+                    "stage": r.stage,
+                    "reason": r.reason,
+                    "attempts": r.attempts,
+                    "file": r.undone_path,
+                }
+                for r in ledger.undone()
+            ]
+            waiting = [
+                {
+                    "user": r.user,
+                    "path": r.path,
+                    "state": r.state,
+                    "attempts": r.attempts,
+                    "reason": r.reason,
+                }
+                for r in ledger.unfinished()
+                if r.attempts
+            ]
+        finally:
+            ledger.close()
     async with ImmichClient(config.immich.url, timeout_seconds=10) as immich:
         immich_up = await immich.ping()
     return {
@@ -92,10 +94,6 @@ def format_status(s: dict[str, Any]) -> str:
         lines.append(f"undone ({len(s['undone'])}) — fix the cause, then `sftpgate retry [PATH]`:")
         lines += [f"  {u['file']}\n      {u['stage']}: {u['reason']}" for u in s["undone"]]
     return "\n".join(lines)
-
-
-class NoLedger(Exception):
-    """`status` was pointed at a data folder that no sftpgate has used yet."""
 
 
 class RetryRefused(Exception):
