@@ -148,34 +148,47 @@ class Intake:
             return
         await self._queue(up.user, up.path, sha1, up.size, mtime, inode)
 
-    async def renamed(self, user: str, old: str, new: str) -> None:
-        """The SFTP layer renamed a file inside watch/: follow it, and finish a temporary upload.
+    async def rename(self, user: str, old: str, new: str) -> None:
+        """The client renames a file or folder in watch/ (RENAME and posix-rename both replace an
+        existing target): follow it, and finish a temporary upload.
 
         Each case is one ledger step, so at no instant is the file in watch/ under its new name
         without a row naming that path (a folder scan in between would adopt it a second time).
         """
+        source, target = self.layout.watch_file(user, old), self.layout.watch_file(user, new)
         row = await self.db(lambda db: db.active_for_path(user, old))
-        if row is None:
-            await self.db(lambda db: db.rename_remembered(user, old, new))
+        if row is not None and row.state == State.RECEIVED and not self.is_temporary(new):
+            await self._finish_temporary(row, new, source, target)
             return
-        if row.state != State.RECEIVED or self.is_temporary(new):
+        os.replace(source, target)
+        if row is not None:
             await self.db(lambda db: db.follow_rename(row.id, user, new))
-            return
-        earlier = await self._earlier_delivery(user, row.sha1, row.size)
+        elif target.is_file():
+            await self.rename_remembered(user, old, new)
+
+    async def _finish_temporary(self, row: Original, new: str, source: Path, target: Path) -> None:
+        earlier = await self._earlier_delivery(row.user, row.sha1, row.size)
         if earlier is not None:
-            # The file goes first: once the row is final no active row names the path, and a
-            # folder scan in between would record the duplicate a second time. A kill between
-            # the two leaves a received row without its file, which start-up drops.
-            target = self.layout.watch_file(user, new)
+            # A re-sent copy is recognised before it touches its new name: the file there may be
+            # the very original of `earlier` that a worker is reading. The copy goes first; a
+            # kill before the ledger step leaves a received row without its file, which start-up
+            # drops.
             await asyncio.get_running_loop().run_in_executor(
-                None, unlink_if_same, target, row.inode
+                None, unlink_if_same, source, row.inode
             )
-            await self.db(lambda db: db.rename_to_duplicate(row.id, user, new, earlier))
-            self._log_duplicate(user, new, earlier)
+            await self.db(lambda db: db.rename_to_duplicate(row.id, row.user, new, earlier))
+            self._log_duplicate(row.user, new, earlier)
             return
-        await self.db(lambda db: db.rename_to_final(row.id, user, new))
-        file_event("queued", user=user, path=new, stage="receive", outcome="queued", size=row.size)
+        os.replace(source, target)
+        await self.db(lambda db: db.rename_to_final(row.id, row.user, new))
+        file_event(
+            "queued", user=row.user, path=new, stage="receive", outcome="queued", size=row.size
+        )
         self.wake()
+
+    async def rename_remembered(self, user: str, old: str, new: str) -> None:
+        """A delivered file the client still sees under its old name is renamed."""
+        await self.db(lambda db: db.rename_remembered(user, old, new))
 
     async def set_mtime(self, user: str, path: str, mtime: float) -> bool:
         return await self.db(lambda db: db.set_mtime(user, path, mtime))

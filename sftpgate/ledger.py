@@ -457,10 +457,11 @@ class Ledger:
         kill_point("rename_to_final:after")
 
     def rename_to_duplicate(self, row_id: int, user: str, path: str, same_as: Original) -> None:
-        """received → done (duplicate): renamed to a final name, and its bytes were delivered."""
+        """received → done (duplicate): renamed to a final name, and its bytes were delivered or
+        are on their way. The copy was deleted instead of renamed, so a row at `path` keeps its
+        file and stays."""
         kill_point("rename_to_duplicate:before")
         with self._transaction():
-            self._drop_waiting_at(user, path, keep=row_id)
             self._update(
                 "rename_to_duplicate", row_id, (State.RECEIVED,),
                 state=State.DONE, outcome=Outcome.DUPLICATE, path=path, inode=None,

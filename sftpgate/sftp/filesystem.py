@@ -677,12 +677,10 @@ class GateSFTPServer(asyncssh.SFTPServer):
                 raise asyncssh.SFTPNoSuchFile("No such folder")
             # Rename onto an existing name replaces it, as posix-rename does: sync apps upload
             # under a temporary name and rename over the old file.
-            os.replace(old_local, new_local)
-            if new_local.is_file():
-                await self.intake.renamed(self.user, old_rel, new_rel)
+            await self.intake.rename(self.user, old_rel, new_rel)
             return
         if await self.intake.remembered(self.user, old_rel):
-            await self.intake.renamed(self.user, old_rel, new_rel)
+            await self.intake.rename_remembered(self.user, old_rel, new_rel)
             return
         raise asyncssh.SFTPNoSuchFile("No such file")
 
