@@ -311,7 +311,16 @@ def test_compose_environment_drives_the_baked_in_config(tmp_path):
     given = {k for k in env if k.startswith("SFTPGATE_")}
     assert required <= given and given <= read
     # Resolve compose's ${VAR...} from a filled-in .env, then load as the container would.
-    dotenv = {**env_example(), "IMMICH_API_KEY": "key-123", "SFTP_PASSWORD": "pw"}
+    dotenv = {
+        **env_example(),
+        "IMMICH_API_KEY": "key-123",
+        "SFTP_PASSWORD": "pw",
+        "SFTPGATE_NOTIFY_WEBHOOK": "https://ntfy.sh/topic",
+        "SFTPGATE_NOTIFY_SMTP_HOST": "smtp.example.org",
+        "SFTPGATE_NOTIFY_SMTP_FROM": "sftpgate@example.org",
+        "SFTPGATE_NOTIFY_SMTP_TO": "me@example.org",
+        "SFTPGATE_SFTP_BAN_ALLOWLIST": "192.168.1.0/24",
+    }
 
     def resolve(value: str) -> str:
         m = re.fullmatch(r"\$\{(\w+)(?::[-?]([^}]*))?\}", value)
@@ -323,6 +332,11 @@ def test_compose_environment_drives_the_baked_in_config(tmp_path):
     config = load_config(ROOT / "deploy" / "config.yaml", env=container_env)
     assert config.immich.api_key == "key-123"
     assert [(u.name, u.password) for u in config.sftp.users] == [("phone", "pw")]
+    assert config.notify.webhook == "https://ntfy.sh/topic"
+    assert (config.notify.smtp.host, config.notify.smtp.port) == ("smtp.example.org", 587)
+    assert config.notify.smtp.to == ("me@example.org",)
+    assert [str(n) for n in config.sftp.ban_allowlist] == ["192.168.1.0/24"]
+    assert not config.sftp.proxy_protocol
 
 
 # -- Grafana dashboard --------------------------------------------------------------------------

@@ -9,6 +9,7 @@ import contextlib
 import ipaddress
 import logging
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import asyncssh
@@ -104,14 +105,23 @@ def failures(caplog: pytest.LogCaptureFixture) -> list[dict[str, Any]]:
     return logged(caplog, "login failed")
 
 
+def banning_gate(
+    tmp_path: Path, standin: Any, host_keys_dir: Path, client_key: Path, **sftp: Any
+) -> contextlib.AbstractAsyncContextManager[Any]:
+    """A gate that bans an address at its second failed login, with no delay worth waiting for."""
+    return running_gate(
+        tmp_path, standin, host_keys_dir, client_key,
+        failed_login_delay_seconds=0.05, ban_after_failures=2, ban_seconds=600, **sftp,
+    )  # fmt: skip
+
+
 async def test_bans_logs_and_metrics_use_the_address_in_a_v1_or_v2_header(
     tmp_path, standin, host_keys_dir, client_key, caplog
 ):
     caplog.set_level(logging.INFO, logger="sftpgate")
-    async with running_gate(
-        tmp_path, standin, host_keys_dir, client_key, proxy_protocol=["127.0.0.1/32"],
-        failed_login_delay_seconds=0.05, ban_after_failures=2, ban_seconds=600,
-    ) as gate:  # fmt: skip
+    async with banning_gate(
+        tmp_path, standin, host_keys_dir, client_key, proxy_protocol=["127.0.0.1/32"]
+    ) as gate:
         port = gate.sftp.port
         async with (
             relay(port, v1("203.0.113.7")) as (guesser, _),
@@ -244,10 +254,9 @@ async def test_failures_from_the_allowlist_are_counted_but_never_ban(
     tmp_path, standin, host_keys_dir, client_key, caplog
 ):
     caplog.set_level(logging.INFO, logger="sftpgate")
-    async with running_gate(
-        tmp_path, standin, host_keys_dir, client_key, ban_allowlist=["127.0.0.1/32"],
-        failed_login_delay_seconds=0.05, ban_after_failures=2, ban_seconds=600,
-    ) as gate:  # fmt: skip
+    async with banning_gate(
+        tmp_path, standin, host_keys_dir, client_key, ban_allowlist=["127.0.0.1/32"]
+    ) as gate:
         port = gate.sftp.port
         for bind in ("127.0.0.1", "127.0.0.2"):
             for _ in range(3):
