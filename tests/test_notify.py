@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from aiohttp import web
+from aiohttp import ClientSession, web
 from aiosmtpd.controller import Controller
 
 from sftpgate.config import ConfigError, config_from_dict, load_config
@@ -409,3 +409,119 @@ def test_notifications_and_proxies_by_environment_only(tmp_path):
     assert cfg.sftp.proxy_protocol == ("172.16.0.0/12",) and cfg.sftp.ban_allowlist == ()
     bare = load_config(tmp_path / "absent.yaml", env={k: env[k] for k in list(env)[:3]})
     assert (bare.notify.webhook, bare.notify.smtp.host, bare.notify.smtp.to) == ("", "", ())
+
+
+# -- mail over TLS -----------------------------------------------------------------------------
+
+
+def self_signed_certificate(tmp_path: Path) -> tuple[Path, Path]:
+    """A certificate for 127.0.0.1 that is its own CA: trusted only where SSL_CERT_FILE names it."""
+    import datetime
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")])
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .add_extension(
+            x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+            critical=False,
+        )
+        .sign(key, hashes.SHA256())
+    )
+    cert_file, key_file = tmp_path / "smtp-cert.pem", tmp_path / "smtp-key.pem"
+    cert_file.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_file.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    return cert_file, key_file
+
+
+class Login:
+    """aiosmtpd authenticator: accepts one user and password, and records every attempt."""
+
+    def __init__(self, username: str, password: str) -> None:
+        self.expected = (username.encode(), password.encode())
+        self.attempts: list[tuple[bytes, bool]] = []
+
+    def __call__(self, server: Any, session: Any, envelope: Any, mechanism: str, auth: Any) -> Any:
+        from aiosmtpd.smtp import AuthResult
+
+        ok = (auth.login, auth.password) == self.expected
+        encrypted = server.transport.get_extra_info("ssl_object") is not None
+        self.attempts.append((auth.login, encrypted))
+        return AuthResult(success=ok)
+
+
+@pytest.mark.parametrize("security", ["starttls", "tls"])
+@pytest.mark.filterwarnings("ignore:Requiring AUTH while not requiring TLS")
+async def test_mail_is_sent_over_tls_with_a_login_and_a_verified_certificate(
+    tmp_path, monkeypatch, security
+):
+    import ssl
+
+    from sftpgate.notify import MailTarget, Message
+
+    cert_file, key_file = self_signed_certificate(tmp_path)
+    server_tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    server_tls.load_cert_chain(cert_file, key_file)
+    box, login = Mailbox(), Login("me@example.org", "s3cret-mail")
+    box.port = free_port()
+    tls_keys: dict[str, Any] = (
+        {"tls_context": server_tls, "require_starttls": True}
+        if security == "starttls"
+        # aiosmtpd offers AUTH over implicit TLS only without auth_require_tls (it means
+        # STARTTLS); the login attempt below still records whether the session was encrypted.
+        else {"server_hostname": "127.0.0.1", "ssl_context": server_tls, "auth_require_tls": False}
+    )
+    # With STARTTLS, auth_require_tls (aiosmtpd's default) refuses a login sent in clear.
+    controller = Controller(
+        box, hostname="127.0.0.1", port=box.port, authenticator=login, auth_required=True,
+        **tls_keys,
+    )  # fmt: skip
+    controller.start()
+    try:
+        doc = {
+            "immich": {"url": "http://immich:2283", "api_key": "k"},
+            "sftp": {"users": [{"name": "phone", "password": "p"}]},
+            "notify": {
+                "smtp": {
+                    "host": "127.0.0.1", "port": box.port, "security": security,
+                    "username": "me@example.org", "password": "s3cret-mail",
+                    "sender": "gate@example.org", "to": ["me@example.org"],
+                }
+            },
+        }  # fmt: skip
+        target = MailTarget(config_from_dict(doc, base_dir=tmp_path, env={}).notify)
+        message = Message("undone", "1 file needs you", "phone/IMG_0001.jpg: not a photo")
+        async with ClientSession() as http:  # unused by mail; every target takes one
+            # Not trusted yet: the certificate is checked, so the send fails before any login.
+            with pytest.raises(ssl.SSLCertVerificationError):
+                await target.send(message, http)
+            assert login.attempts == [] and box.messages == []
+            monkeypatch.setenv("SSL_CERT_FILE", str(cert_file))
+            await target.send(message, http)
+    finally:
+        controller.stop()
+    assert login.attempts == [(b"me@example.org", True)]  # one login, inside TLS
+    (mail,) = box.messages
+    assert mail["from"] == "gate@example.org" and mail["to"] == ["me@example.org"]
+    assert "Subject: 1 file needs you" in mail["data"]
+    assert "phone/IMG_0001.jpg: not a photo" in mail["data"]

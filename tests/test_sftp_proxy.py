@@ -22,6 +22,7 @@ from sftpgate.sftp.proxy import (
     V2_MAX_BLOCK,
     V2_SIGNATURE,
     ProxyHeaderError,
+    crc32c,
     parse_header,
 )
 
@@ -39,6 +40,14 @@ def v2(source: str, port: int = 50000, tlvs: bytes = b"", command: int = 0x1) ->
     block = ip.packed + dest.packed + port.to_bytes(2) + (2222).to_bytes(2) + tlvs
     family = 0x11 if ip.version == 4 else 0x21
     return V2_SIGNATURE + bytes([0x20 | command, family]) + len(block).to_bytes(2) + block
+
+
+def with_crc32c(header: bytes, corrupt: bool = False) -> bytes:
+    """The v2 header with a CRC32C TLV, as HAProxy's `send-proxy-v2-options crc32c` sends it: the
+    checksum of the whole header with its own four bytes zeroed (`corrupt`: one bit off)."""
+    blank = header[:14] + (int.from_bytes(header[14:16]) + 7).to_bytes(2) + header[16:]
+    blank += b"\x03\x00\x04" + bytes(4)
+    return blank[:-4] + (crc32c(blank) ^ corrupt).to_bytes(4)
 
 
 @contextlib.asynccontextmanager
@@ -200,6 +209,7 @@ async def test_a_header_from_elsewhere_or_none_from_a_proxy_is_refused(
             "TLVs do not add up to its length",
         ),
         (V2_SIGNATURE + b"\x21\x12\x00\x0c" + bytes(12), False, "not a TCP stream"),
+        (with_crc32c(v2("203.0.113.7"), corrupt=True), False, "CRC32C does not match"),
     ],
     ids=[
         "truncated",
@@ -210,6 +220,7 @@ async def test_a_header_from_elsewhere_or_none_from_a_proxy_is_refused(
         "v2-huge",
         "v2-lie",
         "udp",
+        "v2-crc32c",
     ],
 )
 async def test_malformed_headers_get_a_clear_line_and_the_server_goes_on(
@@ -282,6 +293,7 @@ headers = st.one_of(
     st.builds(lambda a, p: (v1(a, p), a, p), ipv4, ports),
     st.builds(lambda a, p: (v1(a, p, "TCP6", "::1"), a, p), ipv6, ports),
     st.builds(lambda a, p, t: (v2(a, p, b"".join(t)), a, p), ipv4 | ipv6, ports, st.lists(tlv)),
+    st.builds(lambda a, p: (with_crc32c(v2(a, p)), a, p), ipv4 | ipv6, ports),
 )
 
 
@@ -334,6 +346,20 @@ def test_garbage_is_waited_for_or_refused_never_misread(data: bytes) -> None:
     if parsed.source is not None:
         ipaddress.ip_address(parsed.source[0])
         assert 0 <= parsed.source[1] <= 65535
+
+
+def test_a_crc32c_tlv_must_match_its_header() -> None:
+    assert crc32c(b"123456789") == 0xE3069283  # CRC-32C's check value
+    assert crc32c(bytes(32)) == 0x8A9136AA  # RFC 3720, B.4
+    assert crc32c(b"\xff" * 32) == 0x62A8AB43
+    good = with_crc32c(v2("203.0.113.7"))
+    parsed = parse_header(good + b"SSH-2.0-x\r\n")
+    assert parsed is not None and parsed.source == ("203.0.113.7", 50000)
+    assert parsed.length == len(good)
+    other_source = good[:16] + bytes([good[16] ^ 1]) + good[17:]  # 202.0.113.7, same checksum
+    for bad in (other_source, with_crc32c(v2("203.0.113.7"), corrupt=True)):
+        with pytest.raises(ProxyHeaderError, match="CRC32C does not match"):
+            parse_header(bad)
 
 
 def test_claimed_lengths_above_the_limit_are_refused_before_they_arrive() -> None:

@@ -132,7 +132,7 @@ def _parse_v2(data: bytes) -> ProxyHeader | None:
         raise ProxyHeaderError(
             f"PROXY v2 header claims {length} bytes, too few for its {needed}-byte addresses"
         )
-    _check_tlvs(block[needed:])
+    _check_tlvs(data[:total], V2_FIXED_BYTES + needed)
     if family == 0x1:
         return ProxyHeader(
             (str(ipaddress.IPv4Address(block[0:4])), int.from_bytes(block[8:10])), total
@@ -144,14 +144,47 @@ def _parse_v2(data: bytes) -> ProxyHeader | None:
     return ProxyHeader(None, total)  # UNSPEC or a Unix socket: no IP address to carry
 
 
-def _check_tlvs(tlvs: bytes) -> None:
+def _check_tlvs(header: bytes, start: int) -> None:
     """The bytes after the addresses must be whole TLVs (type, 2-byte length, value), so a
-    length that swallowed the start of the SSH stream is caught rather than parsed as TLVs."""
-    at = 0
-    while at < len(tlvs):
-        if at + 3 > len(tlvs) or at + 3 + int.from_bytes(tlvs[at + 1 : at + 3]) > len(tlvs):
+    length that swallowed the start of the SSH stream is caught rather than parsed as TLVs; a
+    CRC32C TLV (HAProxy's `send-proxy-v2-options crc32c`) must match the header it came in."""
+    at = start
+    while at < len(header):
+        if at + 3 > len(header) or at + 3 + int.from_bytes(header[at + 1 : at + 3]) > len(header):
             raise ProxyHeaderError("PROXY v2 header's TLVs do not add up to its length")
-        at += 3 + int.from_bytes(tlvs[at + 1 : at + 3])
+        kind, length = header[at], int.from_bytes(header[at + 1 : at + 3])
+        if kind == PP2_TYPE_CRC32C:
+            value = header[at + 3 : at + 3 + length]
+            # The checksum covers the whole header with its own four bytes zeroed.
+            zeroed = header[: at + 3] + bytes(length) + header[at + 3 + length :]
+            if length != 4 or int.from_bytes(value) != crc32c(zeroed):
+                raise ProxyHeaderError("PROXY v2 header's CRC32C does not match")
+        at += 3 + length
+
+
+PP2_TYPE_CRC32C = 0x03
+
+
+def _crc32c_table() -> tuple[int, ...]:
+    table = []
+    for byte in range(256):
+        crc = byte
+        for _ in range(8):
+            crc = (crc >> 1) ^ (0x82F63B78 if crc & 1 else 0)
+        table.append(crc)
+    return tuple(table)
+
+
+_CRC32C_TABLE = _crc32c_table()
+
+
+def crc32c(data: bytes) -> int:
+    """CRC-32C (Castagnoli), as the PROXY v2 CRC32C TLV carries it: headers are a few dozen
+    bytes, so a table in Python costs microseconds per connection."""
+    crc = 0xFFFFFFFF
+    for byte in data:
+        crc = _CRC32C_TABLE[(crc ^ byte) & 0xFF] ^ (crc >> 8)
+    return crc ^ 0xFFFFFFFF
 
 
 class _CarriedTransport:
