@@ -87,8 +87,13 @@ class SftpConfig:
 class ImmichConfig:
     url: str
     api_key: str = ""
-    album: str = ""  # "" none, a fixed name, or "{folder}" for the first folder of the client path
+    # "" none, a fixed name, "{parent}" for the folder a file is in, "{folder}" for the first
+    # folder of its path (DCIM/Camera/x.jpg: "Camera", "DCIM")
+    album: str = ""
     timeout_seconds: float = 600.0  # Immich flushes the file before it answers
+    # Immich answers "duplicate" for bytes whose asset is in its trash, and empties the trash
+    # later: keep the original in undone/ (the default), or delete it as delivered.
+    trashed_duplicates: str = "undone"  # undone | delete
 
 
 @dataclass(frozen=True)
@@ -113,6 +118,9 @@ class VideoConfig:
     av1_preset: int = 8
     # Video that is already HEVC/AV1 under this many bits per pixel per frame passes through.
     efficient_bits_per_pixel: float = 0.1
+    # When Immich's settings make it re-encode the converted video (its defaults accept only
+    # H.264): convert anyway, or keep videos in a codec Immich accepts as they are.
+    when_immich_retranscodes: str = "convert"  # convert | keep
 
 
 @dataclass(frozen=True)
@@ -214,9 +222,11 @@ class Config:
 
 
 CHOICES: dict[str, tuple[str, ...]] = {
+    "immich.trashed_duplicates": ("undone", "delete"),
     "optimize.jpeg.mode": ("lossless", "lossy", "keep"),
     "optimize.png.mode": ("lossless", "keep"),
     "optimize.video.mode": ("hevc", "av1", "keep"),
+    "optimize.video.when_immich_retranscodes": ("convert", "keep"),
     "optimize.on_error": ("undone", "upload-original"),
     "notify.webhook_format": ("auto", "json", "ntfy", "gotify", "apprise"),
     "notify.smtp.security": ("starttls", "tls", "none"),

@@ -98,7 +98,10 @@ CREATE TABLE IF NOT EXISTS originals (
     captured_at     TEXT,
     asset_id        TEXT,
     undone_path     TEXT,              -- where in watch/undone/ the original was kept
-    forgotten       INTEGER NOT NULL DEFAULT 0  -- removed by the client over SFTP
+    forgotten       INTEGER NOT NULL DEFAULT 0, -- removed by the client over SFTP
+    -- the video half of a Live Photo: Immich links it to its photo and hides it, so it is
+    -- never added to an album (it would show twice in the apps)
+    live_photo_video INTEGER NOT NULL DEFAULT 0
 );
 CREATE INDEX IF NOT EXISTS originals_user_path ON originals(user, path);
 CREATE INDEX IF NOT EXISTS originals_state ON originals(state, next_attempt_at);
@@ -133,6 +136,7 @@ class Original:
     asset_id: str | None
     undone_path: str | None
     forgotten: int
+    live_photo_video: int
 
 
 _COLUMNS = [f.name for f in fields(Original)]
@@ -184,6 +188,15 @@ class Ledger:
         self._db.execute("PRAGMA busy_timeout=10000")
         self._db.executescript(_SCHEMA)
         self._add_folder_column()
+        self._add_missing_columns()
+
+    def _add_missing_columns(self) -> None:
+        """Columns added since the first release, to ledgers made before them."""
+        columns = {row[1] for row in self._db.execute("PRAGMA table_xinfo(originals)")}
+        if "live_photo_video" not in columns:
+            self._db.execute(
+                "ALTER TABLE originals ADD COLUMN live_photo_video INTEGER NOT NULL DEFAULT 0"
+            )
 
     def _add_folder_column(self) -> None:
         """`folder`: the path up to its last "/" ("DCIM/2024/" for "DCIM/2024/a.jpg", "" at the
@@ -501,14 +514,14 @@ class Ledger:
 
     def fix_bytes(
         self, row_id: int, *, kind: str, reason: str, work_path: str | None, upload_name: str,
-        upload_sha1: str, bytes_out: int, captured_at: str | None,
+        upload_sha1: str, bytes_out: int, captured_at: str | None, live_photo_video: bool = False,
     ) -> None:  # fmt: skip
         """optimizing → uploading: from now on the bytes sent for this row never change."""
         self._step(
             "fix_bytes", row_id, (State.OPTIMIZING,),
             state=State.UPLOADING, kind=kind, reason=reason, work_path=work_path,
             upload_name=upload_name, upload_sha1=upload_sha1, bytes_out=bytes_out,
-            captured_at=captured_at,
+            captured_at=captured_at, live_photo_video=int(live_photo_video),
         )  # fmt: skip
 
     def resume_upload(self, row_id: int) -> None:

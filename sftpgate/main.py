@@ -9,10 +9,14 @@ import getpass
 import json
 import sys
 import tempfile
+from collections.abc import Coroutine
 from pathlib import Path
+from typing import Any, TypeVar
 
 from .config import Config, ConfigError, load_config
 from .logs import setup_logging
+
+T = TypeVar("T")
 
 
 def _load(args: argparse.Namespace) -> Config:
@@ -24,12 +28,12 @@ def _load(args: argparse.Namespace) -> Config:
         raise SystemExit(2) from None
 
 
-def _run(coro: object) -> object:
+def _run(coro: Coroutine[Any, Any, T]) -> T:
     try:
         import uvloop
     except ImportError:  # pragma: no cover - uvloop is a dependency on Linux
-        return asyncio.run(coro)  # type: ignore[arg-type]
-    return uvloop.run(coro)  # type: ignore[arg-type]
+        return asyncio.run(coro)
+    return uvloop.run(coro)
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -52,7 +56,24 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     print(
         f"{args.config}: valid (users: {users}; data_dir: {config.data_path}; immich: {config.immich.url})"
     )
-    return 0
+    return _run(check_immich(config)) if args.online else 0
+
+
+async def check_immich(config: Config) -> int:
+    """`check-config --online`: 0 when Immich answers and every key has what it needs."""
+    from .immich.client import ImmichClient
+    from .immich.settings import inspect_immich
+
+    async with ImmichClient(config.immich.url, timeout_seconds=10) as immich:
+        if not await immich.ping():
+            print(f"immich: {config.immich.url} does not answer")
+            return 1
+        report = await inspect_immich(immich, config)
+    findings = report.sentences()
+    print(f"immich: {config.immich.url} answers" + ("" if findings else "; nothing to change"))
+    for finding in findings:
+        print(f"  ! {finding}")
+    return 1 if report.missing_permissions or any(k.problem for k in report.keys) else 0
 
 
 def cmd_hash_password(args: argparse.Namespace) -> int:
@@ -156,7 +177,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
     setup_logging("text", "warning" if not args.verbose else "info")
-    return int(_run(run_demo(keep=args.keep)))  # type: ignore[arg-type]
+    return int(_run(run_demo(keep=args.keep)))
 
 
 def cmd_import(args: argparse.Namespace) -> int:
@@ -165,9 +186,7 @@ def cmd_import(args: argparse.Namespace) -> int:
     config = _load(args)
     setup_logging(config.log.format, quiet_logging_level(config.log.level, args.verbose))
     try:
-        return int(
-            _run(run_import(config, Path(args.dir), user=args.user, keep=args.keep))  # type: ignore[arg-type]
-        )
+        return int(_run(run_import(config, Path(args.dir), user=args.user, keep=args.keep)))
     except ImportRefused as exc:
         print(f"import refused: {exc}", file=sys.stderr)
         return 2
@@ -190,10 +209,16 @@ def build_parser() -> argparse.ArgumentParser:
         return p
 
     add("serve", cmd_serve, "run the service: SFTP server, optimizer, Immich uploads")
-    add(
+    p = add(
         "check-config",
         cmd_check_config,
         "check the configuration file and exit (0 valid, 2 invalid)",
+    )
+    p.add_argument(
+        "--online",
+        action="store_true",
+        help="also ask Immich: the API keys' permissions, its transcoding and full-size settings"
+        " (1 when a key lacks a permission or Immich does not answer)",
     )
     add(
         "hash-password",

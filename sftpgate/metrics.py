@@ -68,6 +68,18 @@ class Metrics:
         self.immich_up = Gauge(
             "sftpgate_immich_up", "1 when Immich answered its last ping, else 0.", registry=r
         )
+        self.immich_retranscodes_video = Gauge(
+            "sftpgate_immich_retranscodes_video",
+            "1 when Immich's settings make it re-encode the videos sftpgate converts, 0 when not,"
+            " -1 when no API key may read them (systemConfig.read).",
+            registry=r,
+        )
+        self.immich_retranscodes_video.set(-1)
+        self.immich_missing_permissions = Gauge(
+            "sftpgate_immich_missing_permissions",
+            "Permissions the configuration needs that an API key lacks (summed over keys).",
+            registry=r,
+        )
         self.retries = Counter(
             "sftpgate_retries", "Attempts that failed transiently and were retried.", registry=r
         )
@@ -103,7 +115,8 @@ class Metrics:
 def health_app(
     metrics: Metrics, ready: Callable[[], Awaitable[tuple[bool, str]]]
 ) -> web.Application:
-    """/metrics, /healthz (the process answers) and /readyz (ledger writable, Immich answering)."""
+    """/metrics, /healthz (the process answers) and /readyz (ledger writable, Immich answering,
+    every API key may upload)."""
 
     async def get_metrics(_: web.Request) -> web.Response:
         resp = web.Response(body=metrics.render())

@@ -21,6 +21,7 @@ from zoneinfo import ZoneInfo
 
 from .config import Config
 from .immich.client import ImmichClient, PermanentImmichError, TransientImmichError
+from .immich.settings import ImmichReport, inspect_immich
 from .intake import sha1_of_file
 from .killpoints import kill_point
 from .layout import Layout, fsync_dir, move_durably, unlink_if_same
@@ -39,6 +40,20 @@ from .notify import Notifier
 from .optimize import OptimizeResult, optimize_file
 from .status import finish_interrupted_retries
 from .workers import CodecPool, CodecWorkerError
+
+IMMICH_INSPECT_SECONDS = 3600.0
+
+
+def album_name(template: str, path: str) -> str | None:
+    """The album for a client path: `{parent}` is the folder the file is in (as the Immich CLI
+    and immich-go name albums), `{folder}` the first folder of the path; None for no album (no
+    template, or a file at the top when the template names a folder)."""
+    folders = PurePosixPath(path).parts[:-1]
+    if not template:
+        return None
+    if not folders:
+        return None if "{folder}" in template or "{parent}" in template else template
+    return template.replace("{folder}", folders[0]).replace("{parent}", folders[-1])
 
 
 class Pipeline:
@@ -68,6 +83,7 @@ class Pipeline:
         self._albums: dict[tuple[str, str], str] = {}
         self._stopping = False
         self._progress = asyncio.Event()  # set whenever an original finishes or is retried
+        self.immich_report: ImmichReport | None = None  # what Immich does with the uploads
 
     # -- lifecycle ----------------------------------------------------------------------------
 
@@ -139,6 +155,7 @@ class Pipeline:
     async def run(self) -> None:
         """Dispatch due originals until stopped."""
         watcher = asyncio.create_task(self._watch_immich())
+        inspector = asyncio.create_task(self._inspect_immich())
         # One file waits at each worker besides the one it converts, so a worker starts its next
         # file the moment it finishes, not after the dispatcher's ledger round trips.
         capacity = 2 * self.pool.size + self.config.retry.upload_concurrency
@@ -169,6 +186,7 @@ class Pipeline:
                         await self._wakeup.wait()
         finally:
             watcher.cancel()
+            inspector.cancel()
 
     def _task_done(self, row_id: int) -> None:
         self._in_flight.pop(row_id, None)
@@ -274,6 +292,7 @@ class Pipeline:
                     self.layout.work,
                     self.config.optimize,
                     self.config.timezone,
+                    self._keep_video_codecs(),
                     timeout=self.config.optimize.time_limit_seconds,
                 )
             except CodecWorkerError as exc:
@@ -316,6 +335,7 @@ class Pipeline:
                 upload_sha1=upload_sha1,
                 bytes_out=result.bytes_out if work_path else row.size,
                 captured_at=captured,
+                live_photo_video=result.live_photo_video,
             )
         )
         file_event(
@@ -362,6 +382,14 @@ class Pipeline:
                 return
         self.notifier.immich_upload(refused=False)
         self.metrics.stage_duration.labels(stage="upload").observe(time.monotonic() - started)
+        if outcome.status == "duplicate" and await self._in_immich_trash(row):
+            await self._undone(
+                row,
+                "upload",
+                "already in Immich's trash, which Immich empties later: restore it in Immich "
+                "(then `sftpgate retry` it), or delete this file",
+            )
+            return
         # The asset id is committed before anything is deleted.
         await self.db(lambda db: db.confirm_asset(row.id, outcome.asset_id))
         await self._add_to_album(row, outcome.asset_id)
@@ -397,11 +425,10 @@ class Pipeline:
         )
 
     async def _add_to_album(self, row: Original, asset_id: str) -> None:
-        template = self.config.immich.album
-        parts = PurePosixPath(row.path).parts
-        if not template or ("{folder}" in template and len(parts) < 2):
+        name = album_name(self.config.immich.album, row.path)
+        # Immich hides a Live Photo's video once linked to its photo; in an album it would show.
+        if name is None or row.live_photo_video:
             return
-        name = template.replace("{folder}", parts[0])
         api_key = self.config.api_key_for(row.user)
         try:
             album_id = self._albums.get((api_key, name))
@@ -421,6 +448,59 @@ class Pipeline:
                 album=name,
                 error=str(exc),
             )
+
+    async def _in_immich_trash(self, row: Original) -> bool:
+        """Whether the asset a duplicate answer named is in the trash (and the configuration
+        keeps such originals); a failed check counts as not trashed, as before the check."""
+        if self.config.immich.trashed_duplicates != "undone":
+            return False
+        api_key = self.config.api_key_for(row.user)
+        try:
+            _, trashed = await self.immich.existing_asset(api_key, row.upload_sha1 or row.sha1)
+        except (TransientImmichError, PermanentImmichError) as exc:
+            file_event(
+                "trash check failed",
+                level=30,
+                user=row.user,
+                path=row.path,
+                stage="upload",
+                outcome="treated as delivered",
+                error=str(exc),
+            )
+            return False
+        return trashed
+
+    def _keep_video_codecs(self) -> tuple[str, ...]:
+        """The codecs Immich accepts, when it would re-encode a converted video and the
+        configuration says to keep such videos instead."""
+        report = self.immich_report
+        if (
+            report is None
+            or not report.retranscodes_video
+            or self.config.optimize.video.when_immich_retranscodes != "keep"
+        ):
+            return ()
+        return report.accepted_video_codecs or ()
+
+    async def _inspect_immich(self) -> None:
+        """What Immich will do with the uploads, at start and hourly: each finding is logged
+        once, when it first appears, and kept for `status`, /readyz and the metrics."""
+        told: set[str] = set()
+        while True:
+            await self._immich_up.wait()
+            report = await inspect_immich(self.immich, self.config)
+            self.immich_report = report
+            retranscodes = report.retranscodes_video
+            self.metrics.immich_retranscodes_video.set(
+                -1 if retranscodes is None else int(retranscodes)
+            )
+            self.metrics.immich_missing_permissions.set(report.missing_permissions)
+            findings = report.sentences()
+            for finding in findings:
+                if finding not in told:
+                    event("immich settings", level=30, outcome=finding)
+            told = set(findings)
+            await asyncio.sleep(IMMICH_INSPECT_SECONDS)  # polling interval
 
     async def _retry_later(
         self, row: Original, stage: str, reason: str, retry_after: float | None = None

@@ -106,6 +106,9 @@ class Service:
             return False, "data_dir is not writable"
         if not await self.immich.ping():
             return False, "Immich does not answer"
+        report = self.pipeline.immich_report
+        if report is not None and report.lacks_upload:
+            return False, "an Immich API key lacks the asset.upload permission"
         return True, "ok"
 
     async def _retry(self, request: dict[str, Any]) -> dict[str, Any]:

@@ -15,6 +15,7 @@ from typing import Any
 from .config import Config
 from .control import ask_service
 from .immich.client import ImmichClient
+from .immich.settings import inspect_immich
 from .killpoints import kill_point
 from .layout import DataDirBusy, Layout, lock_data_dir, move_durably
 from .ledger import Ledger, Original, Outcome, State
@@ -58,6 +59,7 @@ async def collect_status(config: Config) -> dict[str, Any]:
             ledger.close()
     async with ImmichClient(config.immich.url, timeout_seconds=10) as immich:
         immich_up = await immich.ping()
+        report = await inspect_immich(immich, config) if immich_up else None
     return {
         "states": states,
         "outcomes": outcomes,
@@ -66,7 +68,11 @@ async def collect_status(config: Config) -> dict[str, Any]:
         "bytes_saved": original - sent,
         "undone": undone,
         "retrying": waiting,
-        "immich": {"url": config.immich.url, "reachable": immich_up},
+        "immich": {
+            "url": config.immich.url,
+            "reachable": immich_up,
+            **(report.as_dict() if report else {}),
+        },
         "notifications": notification_status(config),
     }
 
@@ -83,6 +89,13 @@ def format_status(s: dict[str, Any]) -> str:
     )
     reach = "reachable" if s["immich"]["reachable"] else "NOT reachable"
     lines.append(f"immich: {s['immich']['url']} {reach}")
+    lines += [f"  ! {finding}" for finding in s["immich"].get("findings", [])]
+    if s["outcomes"].get(Outcome.UPLOADED):
+        # Immich's app skips only bytes Immich knows, and it never knows a converted original.
+        lines.append(
+            "  converted files are new bytes to the Immich app: check that its backup (Backup >"
+            " Backup albums) leaves out the folders this phone syncs here, or it sends them again"
+        )
     lines += format_notification_status(s["notifications"])
     if s["retrying"]:
         lines.append(f"retrying ({len(s['retrying'])}):")

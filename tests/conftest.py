@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import csv
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -96,18 +98,28 @@ def gate_config(
     return path
 
 
-@pytest.fixture
-async def gate(tmp_path: Path, standin, host_keys_dir: Path, client_key: Path):
-    """A started service with the default test config."""
+@contextlib.asynccontextmanager
+async def started_gate(
+    tmp_path: Path, standin, host_keys_dir: Path, client_key: Path, **sections: dict
+) -> AsyncIterator:
+    """A started service with the test config, its `sections` laid over it."""
     from sftpgate.config import load_config
     from sftpgate.server import Service
 
-    service = Service(load_config(gate_config(tmp_path, standin.url, host_keys_dir, client_key)))
+    config = gate_config(tmp_path, standin.url, host_keys_dir, client_key, **sections)
+    service = Service(load_config(config))
     await service.start()
     try:
         yield service
     finally:
         await service.stop()
+
+
+@pytest.fixture
+async def gate(tmp_path: Path, standin, host_keys_dir: Path, client_key: Path):
+    """A started service with the default test config."""
+    async with started_gate(tmp_path, standin, host_keys_dir, client_key) as service:
+        yield service
 
 
 async def eventually(condition, timeout: float = 30.0, what: str = "condition"):

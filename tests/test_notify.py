@@ -21,7 +21,7 @@ from aiosmtpd.controller import Controller
 from sftpgate.config import ConfigError, config_from_dict, load_config
 from sftpgate.notify import STATE_FILE, redact_url, webhook_format
 
-from .conftest import API_KEY, PASSWORD, eventually, gate_config
+from .conftest import API_KEY, PASSWORD, eventually, gate_config, started_gate
 from .test_sftp_clients import connect
 
 NOT_A_PHOTO = b"<html><body>not a photo</body></html>\n" * 20
@@ -123,20 +123,11 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-@contextlib.asynccontextmanager
-async def notifying_gate(
+def notifying_gate(
     tmp_path: Path, standin: Any, host_keys_dir: Path, client_key: Path, **notify: Any
-) -> AsyncIterator[Any]:
-    from sftpgate.server import Service
-
+) -> contextlib.AbstractAsyncContextManager[Any]:
     notify.setdefault("disk_free_below", "0")
-    config = gate_config(tmp_path, standin.url, host_keys_dir, client_key, notify=notify)
-    service = Service(load_config(config))
-    await service.start()
-    try:
-        yield service
-    finally:
-        await service.stop()
+    return started_gate(tmp_path, standin, host_keys_dir, client_key, notify=notify)
 
 
 async def upload(port: int, files: dict[str, bytes]) -> None:

@@ -186,6 +186,11 @@ class ImmichClient:
 
     async def _known_asset_id(self, api_key: str, checksum: str) -> str | None:
         """The id of this user's asset with these bytes, if Immich has one."""
+        return (await self.existing_asset(api_key, checksum))[0]
+
+    async def existing_asset(self, api_key: str, checksum: str) -> tuple[str | None, bool]:
+        """This user's asset with these bytes (its id, or None) and whether it is in the trash:
+        a trashed asset still makes an upload of the same bytes a duplicate."""
         body = await self._json(
             "POST",
             "/assets/bulk-upload-check",
@@ -194,8 +199,20 @@ class ImmichClient:
         )
         for result in body.get("results", []):
             if result.get("reason") == "duplicate" and result.get("assetId"):
-                return str(result["assetId"])
-        return None
+                return str(result["assetId"]), bool(result.get("isTrashed"))
+        return None, False
+
+    # --- what the server will do with an upload ---
+
+    async def key_permissions(self, api_key: str) -> frozenset[str]:
+        """The calling key's permissions ("all" grants every one); needs no permission."""
+        body = await self._json("GET", "/api-keys/me", api_key=api_key)
+        return frozenset(str(p) for p in body.get("permissions", []))
+
+    async def system_config(self, api_key: str) -> dict[str, Any]:
+        """Immich's system configuration (permission systemConfig.read)."""
+        body = await self._json("GET", "/system-config", api_key=api_key)
+        return body if isinstance(body, dict) else {}
 
     # --- albums ---
 

@@ -117,6 +117,7 @@ class StandinAsset:
     size: int
     path: Path | None  # <storage_dir>/<id><ext>, None when storage_dir is None
     fields: dict[str, str] = field(default_factory=dict)  # every text field as received
+    trashed: bool = False  # in the owner's trash: still a checksum duplicate
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -130,6 +131,7 @@ class StandinAsset:
             "size": self.size,
             "path": str(self.path) if self.path else None,
             "fields": self.fields,
+            "isTrashed": self.trashed,
         }
 
 
@@ -171,6 +173,8 @@ class StandinState:
     storage_dir: Path | None = None
     assets: dict[str, StandinAsset] = field(default_factory=dict)
     albums: dict[str, StandinAlbum] = field(default_factory=dict)
+    # What GET /api/system-config answers: Immich's defaults, for the sections sftpgate reads.
+    system_config: dict[str, Any] = field(default_factory=lambda: default_system_config())
     # Fault switches.
     fail_next: list[int] = field(default_factory=list)
     retry_after_seconds: int = 2
@@ -465,6 +469,60 @@ async def users_me(request: web.Request) -> web.Response:
     )
 
 
+async def my_api_key(request: web.Request) -> web.Response:
+    """The calling key with its permissions; it needs no permission itself."""
+    state = request.app[STATE]
+    key = request.headers.get("x-api-key")
+    if not key:
+        return _error(state, 401, "Authentication required")
+    if key not in state.api_keys:
+        return _error(state, 401, "Invalid API key")
+    granted = state.permissions.get(key)
+    created = "2026-01-01T00:00:00.000Z"
+    return web.json_response(
+        {
+            "id": str(uuid.uuid5(uuid.NAMESPACE_URL, f"standin-api-key:{key}")),
+            "name": "sftpgate",
+            "createdAt": created,
+            "updatedAt": created,
+            "permissions": ["all"] if granted is None else sorted(granted),
+        }
+    )
+
+
+async def system_config(request: web.Request) -> web.Response:
+    state = request.app[STATE]
+    _, denied = _authenticate(request, "systemConfig.read")
+    if denied:
+        return denied
+    return web.json_response(state.system_config)
+
+
+def default_system_config() -> dict[str, Any]:
+    """The `ffmpeg` and `image` sections of Immich's default system configuration
+    (server/src/config.ts); the other sections are not served, since nothing here reads them."""
+    return {
+        "ffmpeg": {
+            "crf": 23, "threads": 0, "preset": "ultrafast", "targetVideoCodec": "h264",
+            "acceptedVideoCodecs": ["h264"], "targetAudioCodec": "aac",
+            "acceptedAudioCodecs": ["aac", "mp3", "libopus"],
+            "acceptedContainers": ["mov", "ogg", "webm"], "targetResolution": "720",
+            "maxBitrate": "0", "bframes": -1, "refs": 0, "gopSize": 0, "temporalAQ": False,
+            "cqMode": "auto", "twoPass": False, "preferredHwDevice": "auto",
+            "transcode": "required", "tonemap": "hable", "accel": "disabled",
+            "accelDecode": False,
+            "realtime": {"enabled": False, "resolutions": [], "videoCodecs": ["h264"]},
+        },
+        "image": {
+            "thumbnail": {"format": "webp", "size": 250, "quality": 80},
+            "preview": {"format": "jpeg", "size": 1440, "quality": 80},
+            "fullsize": {"enabled": False, "format": "jpeg", "quality": 80},
+            "colorspace": "p3",
+            "extractEmbedded": False,
+        },
+    }  # fmt: skip
+
+
 async def upload_asset(request: web.Request) -> web.StreamResponse:
     state = request.app[STATE]
     state.uploads_received += 1
@@ -635,7 +693,7 @@ async def bulk_upload_check(request: web.Request) -> web.Response:
                     "action": "reject",
                     "reason": "duplicate",
                     "assetId": existing.id,
-                    "isTrashed": False,
+                    "isTrashed": existing.trashed,
                 }
             )
     return web.json_response({"results": results})
@@ -780,6 +838,8 @@ def make_app(state: StandinState) -> web.Application:
     app.router.add_get("/api/server/version", version)
     app.router.add_get("/api/server/media-types", media_types)
     app.router.add_get("/api/users/me", users_me)
+    app.router.add_get("/api/api-keys/me", my_api_key)
+    app.router.add_get("/api/system-config", system_config)
     app.router.add_post("/api/assets", upload_asset)
     app.router.add_post("/api/assets/bulk-upload-check", bulk_upload_check)
     app.router.add_get("/api/albums", list_albums)

@@ -39,6 +39,8 @@ class OptimizeResult:
     captured_at: datetime | None  # timezone-aware capture time from the content, or None
     metadata_kept: tuple[str, ...]  # which of EXIF / XMP / ICC the stored file carries
     seconds: float
+    # The video half of a Live Photo: Immich links it to its photo and hides it.
+    live_photo_video: bool = False
 
 
 _ALREADY_EFFICIENT = {
@@ -53,15 +55,21 @@ _MEGABYTE = 1 << 20
 
 
 def optimize_file(
-    src: Path, work_dir: Path, config: OptimizeConfig, timezone: str
+    src: Path,
+    work_dir: Path,
+    config: OptimizeConfig,
+    timezone: str,
+    keep_video_codecs: tuple[str, ...] = (),
 ) -> OptimizeResult:
     """Decide and, where worthwhile, convert `src`; write the result atomically into `work_dir`.
 
     `timezone` is an IANA zone for EXIF dates without an offset ("" = the local zone).
+    `keep_video_codecs`: video in these codecs is kept as it is (where it goes, it is played as
+    it is, and a converted copy would be re-encoded there).
     """
     out = _Outcome(Path(src), timezone)
     try:
-        return _optimize(out, Path(work_dir), config)
+        return _optimize(out, Path(work_dir), config, keep_video_codecs)
     except Exception as exc:  # never raise in a worker: the reason goes to undone/'s sidecar
         message = str(exc) or type(exc).__name__
         if disk_error(exc):
@@ -92,6 +100,7 @@ class _Outcome:
         metadata: tuple[str, ...] = (),
         output: Path | None = None,
         bytes_out: int | None = None,
+        live_photo_video: bool = False,
     ) -> OptimizeResult:
         captured = None
         if decision in (CONVERTED, KEPT):
@@ -107,10 +116,13 @@ class _Outcome:
             captured_at=captured,
             metadata_kept=metadata,
             seconds=round(time.monotonic() - self.started, 3),
+            live_photo_video=live_photo_video,
         )
 
 
-def _optimize(out: _Outcome, work_dir: Path, config: OptimizeConfig) -> OptimizeResult:
+def _optimize(
+    out: _Outcome, work_dir: Path, config: OptimizeConfig, keep_video_codecs: tuple[str, ...]
+) -> OptimizeResult:
     src = out.src
     out.size = src.stat().st_size
     with src.open("rb") as f:
@@ -130,7 +142,7 @@ def _optimize(out: _Outcome, work_dir: Path, config: OptimizeConfig) -> Optimize
     if kind == "png":
         return _optimize_png(out, probe, work_dir, config)
     if kind == "video":
-        return _optimize_video(out, head, work_dir, config)
+        return _optimize_video(out, head, work_dir, config, keep_video_codecs)
     if kind == "heic" and probe.note == "motion photo":
         reason = "kept as it is: HEIC motion photo (the image and its embedded video stay together)"
         return out.make(KEPT, reason, probe.metadata)
@@ -246,7 +258,11 @@ def _optimize_png(
 
 
 def _optimize_video(
-    out: _Outcome, head: bytes, work_dir: Path, config: OptimizeConfig
+    out: _Outcome,
+    head: bytes,
+    work_dir: Path,
+    config: OptimizeConfig,
+    keep_video_codecs: tuple[str, ...],
 ) -> OptimizeResult:
     src = out.src
     before = src.stat()
@@ -254,9 +270,9 @@ def _optimize_video(
     if info.problem:
         return out.make(UNREADABLE, info.problem)
     metadata = video.metadata_present(info)
-    reason = video.keep_reason(info, config.video)
+    reason = video.keep_reason(info, config.video, keep_video_codecs)
     if reason:
-        return out.make(KEPT, reason, metadata)
+        return out.make(KEPT, reason, metadata, live_photo_video=video.is_live_photo_video(info))
     name = output_name(src, _file_sha1(src), "." + video.output_format(info, config.video))
     with AtomicOutput(work_dir, name) as target:
         # The encode gets 80% of the worker's time limit; verification decodes it all again.

@@ -175,11 +175,17 @@ def metadata_present(info: VideoInfo) -> tuple[str, ...]:
     return tuple(name for name, ok in present if ok)
 
 
-def keep_reason(info: VideoInfo, config: VideoConfig) -> str | None:
+def is_live_photo_video(info: VideoInfo) -> bool:
+    return _LIVE_PHOTO_KEY in info.metadata
+
+
+def keep_reason(
+    info: VideoInfo, config: VideoConfig, keep_codecs: tuple[str, ...] = ()
+) -> str | None:
     """Why this video is passed through unchanged, or None when it should be converted."""
     if config.mode == "keep":
         return "kept as it is: video conversion is disabled (optimize.video.mode: keep)"
-    if _LIVE_PHOTO_KEY in info.metadata:
+    if is_live_photo_video(info):
         return (
             "kept as it is: Live Photo video (converting it would break Immich's pairing with "
             "its still photo)"
@@ -194,6 +200,11 @@ def keep_reason(info: VideoInfo, config: VideoConfig) -> str | None:
         return (
             f"kept as it is: {_HDR_TRANSFERS[info.color_trc]} video; its HDR metadata would not "
             "survive re-encoding"
+        )
+    if info.codec in keep_codecs:
+        return (
+            f"kept as it is: {info.codec} is played as it is where it goes, and a converted copy "
+            "would be re-encoded there (optimize.video.when_immich_retranscodes: keep)"
         )
     if info.codec == "av1":  # re-encoding AV1 as HEVC would only add loss
         return "kept as it is: the video is already AV1"
