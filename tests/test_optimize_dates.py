@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import shutil
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from zoneinfo import ZoneInfo
 
@@ -171,9 +171,9 @@ def test_every_corpus_video_date_agrees_with_ffprobe(
         ("Screenshot_20240702-131415_Chrome.jpg", "2024-07-02T13:14:15+02:00"),
         ("Screenshot_2024-01-02-13-14-15.png", "2024-01-02T13:14:15+01:00"),
         ("Screenshot_2024-01-02-13-14-15-123_com.android.chrome.png", "2024-01-02T13:14:15+01:00"),
-        # Pixel names are UTC whatever the configured zone.
-        ("PXL_20230415_103000123.jpg", "2023-04-15T10:30:00.123000+00:00"),
-        ("PXL_20230415_103000123.MP.jpg", "2023-04-15T10:30:00.123000+00:00"),
+        # Pixel names are UTC, given in the configured zone.
+        ("PXL_20230415_103000123.jpg", "2023-04-15T12:30:00.123000+02:00"),
+        ("PXL_20230115_233000000.MP.jpg", "2023-01-16T00:30:00+01:00"),
         ("IMG_20200101_120000.jpg", "2020-01-01T12:00:00+01:00"),
         ("IMG_20200101_120000_1.jpg", "2020-01-01T12:00:00+01:00"),
         ("VID_20200701_235959.mp4", "2020-07-01T23:59:59+02:00"),
@@ -230,6 +230,14 @@ def test_name_time_follows_the_configured_zone() -> None:
     new_york = name_time("Screenshot_20240102-131415.png", "America/New_York")
     assert berlin is not None and new_york is not None
     assert new_york - berlin == timedelta(hours=6)  # same wall clock, different instants
+
+
+def test_a_pixel_name_is_one_instant_in_every_zone() -> None:
+    berlin = name_time("PXL_20230415_103000123.jpg", "Europe/Berlin")
+    new_york = name_time("PXL_20230415_103000123.jpg", "America/New_York")
+    local = name_time("PXL_20230415_103000123.jpg", "")
+    assert berlin == new_york == local == datetime(2023, 4, 15, 10, 30, 0, 123000, tzinfo=UTC)
+    assert new_york is not None and new_york.utcoffset() == timedelta(hours=-4)
 
 
 MTIME = datetime(2025, 3, 1, 9, 0, 0, tzinfo=ZoneInfo("Europe/Berlin"))
