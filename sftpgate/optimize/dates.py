@@ -271,8 +271,9 @@ def name_time(name: str, timezone: str) -> datetime | None:
     """The capture time a phone or messenger wrote into the file name `name`, or None.
 
     Local-time names are read in `timezone` (IANA name, "" = the local zone), like EXIF dates
-    without an offset; Pixel names are UTC, and the result is that instant in `timezone`. An impossible date (month 13, February 30, before
-    1990, later than tomorrow) means the digits are not a date, and the name is ignored.
+    without an offset; Pixel names are UTC, and the result is that instant in `timezone`. An
+    impossible date (month 13, February 30, before 1990, later than tomorrow) means the digits
+    are not a date, and the name is ignored.
     """
     for pattern, in_utc in _NAME_PATTERNS:
         match = pattern.match(name)
@@ -291,8 +292,8 @@ def name_time(name: str, timezone: str) -> datetime | None:
             )
         except ValueError:
             return None
-        # A UTC name is shown in the configured zone: Immich displays the wall-clock time of
-        # the offset it is given, and the user's clock was not on UTC.
+        # A UTC name is given in the configured zone: Immich shows the wall-clock time of the
+        # offset it gets, and the phone showed its owner local time, not UTC.
         when = (
             naive.replace(tzinfo=UTC).astimezone(zone(timezone))
             if in_utc
