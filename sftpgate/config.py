@@ -191,7 +191,8 @@ class LogConfig:
 class Config:
     immich: ImmichConfig
     data_dir: str = "./data"
-    timezone: str = ""  # IANA name for EXIF dates without offset; "" = the server's zone (TZ)
+    # IANA name for EXIF dates without offset and dates in file names; "" = the server's zone
+    timezone: str = ""
     # SIGTERM: SFTP connections close at once (cut-off uploads stay resumable); uploads to Immich
     # get this long before they are parked. Below the container's stop timeout (compose: 30 s).
     shutdown_grace_seconds: float = 10.0

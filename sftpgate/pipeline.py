@@ -38,6 +38,7 @@ from .logs import event, file_event
 from .metrics import Metrics
 from .notify import Notifier
 from .optimize import OptimizeResult, optimize_file
+from .optimize.dates import upload_date
 from .status import finish_interrupted_retries
 from .workers import CodecPool, CodecWorkerError
 
@@ -357,8 +358,15 @@ class Pipeline:
         if row.state != State.UPLOADING:
             await self.db(lambda db: db.resume_upload(row.id))
         await self._immich_up.wait()
-        modified = _aware(row.mtime, self.tz)
-        created = datetime.fromisoformat(row.captured_at) if row.captured_at else modified
+        # Immich sets the asset's date from the stored file's metadata, else from the stored
+        # file's mtime, which it takes from fileModifiedAt: so both fields carry the chosen date,
+        # and a date that is not embedded in the file goes along in an XMP sidecar too.
+        taken = upload_date(
+            datetime.fromisoformat(row.captured_at) if row.captured_at else None,
+            PurePosixPath(row.path).name,
+            _aware(row.mtime, self.tz),
+            self.config.timezone,
+        )
         started = time.monotonic()
         async with self._upload_slots:
             try:
@@ -366,9 +374,10 @@ class Pipeline:
                     send,
                     api_key=self.config.api_key_for(row.user),
                     filename=row.upload_name or PurePosixPath(row.path).name,
-                    created_at=created,
-                    modified_at=modified,
+                    created_at=taken.when,
+                    modified_at=taken.when,
                     checksum=row.upload_sha1 or row.sha1,
+                    sidecar_date=None if taken.source == "content" else taken.when,
                 )
             except TransientImmichError as exc:
                 self.notifier.immich_upload(refused=True)

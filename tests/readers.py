@@ -65,6 +65,23 @@ def photo_metadata(path: Path) -> dict[str, object]:
     return {**exiftool(path, PHOTO_TAGS), "ICC": icc_description(path)}
 
 
+def sidecar_dates(sidecar: bytes) -> dict[str, str]:
+    """The dates exiftool reads from XMP sidecar bytes, by group-qualified tag
+    (`{"XMP:DateTimeOriginal": "2023:04:15 12:00:00.000+02:00", ...}`)."""
+    _need("exiftool", "libimage-exiftool-perl")
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / "asset.xmp"
+        path.write_bytes(sidecar)
+        out = subprocess.run(
+            ["exiftool", "-j", "-G", "-DateTimeOriginal", "-CreateDate", str(path)],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+    doc = json.loads(out.stdout)[0]
+    return {tag: value for tag, value in doc.items() if tag != "SourceFile"}
+
+
 def ffprobe(path: Path) -> dict[str, object]:
     """ffprobe's (Debian's FFmpeg 5.1, not the PyAV build under test) view of a video file."""
     _need("ffprobe", "ffmpeg")

@@ -14,6 +14,7 @@ import shutil
 import subprocess
 from datetime import datetime
 from pathlib import Path
+from zoneinfo import ZoneInfo
 
 import aiohttp
 import asyncssh
@@ -22,7 +23,7 @@ import pytest
 import yaml
 
 from .conftest import PASSWORD, eventually, finished
-from .readers import photo_metadata
+from .readers import photo_metadata, sidecar_dates
 
 # Convertible JPEGs that carry what must survive: GPS, orientation, Adobe RGB ICC, XMP.
 JPEGS = [
@@ -128,11 +129,76 @@ async def test_asyncssh_client_upload_is_remembered_in_listings(gate, standin, c
         assert names["IMG_0001.jpg"].size == src.stat().st_size
     (asset,) = stored_assets(standin)
     assert asset.original_file_name == "IMG_0001.jxl"
-    # EXIF DateTimeOriginal without offset, read in the config's zone; the mtime set after CLOSE.
-    assert datetime.fromisoformat(asset.file_created_at) == datetime.fromisoformat(
-        "2011-05-06T09:59:48+02:00"
-    )
-    assert datetime.fromisoformat(asset.file_modified_at).timestamp() == 1_500_000_000
+    # EXIF DateTimeOriginal without offset, read in the config's zone, in both fields: Immich
+    # sets the stored file's mtime from fileModifiedAt. The embedded date needs no sidecar.
+    taken = datetime.fromisoformat("2011-05-06T09:59:48+02:00")
+    assert datetime.fromisoformat(asset.file_created_at) == taken
+    assert datetime.fromisoformat(asset.file_modified_at) == taken
+    assert asset.sidecar is None
+
+
+def still(path: Path, colour: str) -> Path:
+    """A small generated picture without any embedded date (the format follows the suffix)."""
+    from PIL import Image
+
+    image = Image.linear_gradient("L").resize((96, 64)).convert("RGB")
+    image.paste(colour, (0, 0, 32, 32))
+    image.save(path)
+    return path
+
+
+async def test_a_date_from_the_name_or_the_mtime_reaches_immich_in_both_fields_and_a_sidecar(
+    gate, standin, corpus, tmp_path
+):
+    berlin = ZoneInfo("Europe/Berlin")  # the test config's timezone
+    mtime = 1_500_000_000  # 2017-07-14 04:40:00 in Berlin, set by the client before CLOSE
+    uploads = {
+        # No embedded date: the name's date, read in the configured zone.
+        "WhatsApp/IMG-20230415-WA0007.jpg": (
+            still(tmp_path / "whatsapp.jpg", "red"),
+            datetime(2023, 4, 15, 12, 0, tzinfo=berlin),
+            "2023:04:15 12:00:00.000+02:00",
+        ),
+        "Screenshots/Screenshot_20240102-131415.png": (
+            still(tmp_path / "screenshot.png", "green"),
+            datetime(2024, 1, 2, 13, 14, 15, tzinfo=berlin),
+            "2024:01:02 13:14:15.000+01:00",
+        ),
+        # Neither an embedded date nor one in the name: the client's mtime.
+        "Edits/export.png": (
+            still(tmp_path / "export.png", "blue"),
+            datetime.fromtimestamp(mtime, berlin),
+            "2017:07:14 04:40:00.000+02:00",
+        ),
+        # An embedded date always wins, even over a name that has one: no sidecar.
+        "Camera/IMG_20200101_120000.jpg": (
+            corpus / "jpeg/htc-desire-gps.jpg",
+            datetime(2011, 5, 6, 9, 59, 48, tzinfo=berlin),
+            None,
+        ),
+    }
+    async with connect(gate) as conn, conn.start_sftp_client() as sftp:
+        for name, (src, _, _) in uploads.items():
+            await sftp.makedirs(str(Path(name).parent), exist_ok=True)
+            async with sftp.open(name, "wb") as f:
+                await f.write(src.read_bytes())
+                await f.setstat(asyncssh.SFTPAttrs(atime=mtime, mtime=mtime))
+    await gate.pipeline.wait_for(finished(len(uploads)), timeout=120)
+
+    assets = {Path(a.original_file_name).stem: a for a in stored_assets(standin)}
+    assert sorted(assets) == sorted(Path(name).stem for name in uploads)
+    for name, (_, taken, sidecar_date) in uploads.items():
+        asset = assets[Path(name).stem]
+        for sent in (asset.file_created_at, asset.file_modified_at):
+            assert datetime.fromisoformat(sent) == taken, name
+            assert datetime.fromisoformat(sent).utcoffset() == taken.utcoffset(), name
+        # What Immich falls back on without an embedded date: the stored file's mtime.
+        assert Path(asset.path).stat().st_mtime == taken.timestamp(), name
+        if sidecar_date is None:
+            assert asset.sidecar is None, name
+        else:
+            assert asset.sidecar is not None, name
+            assert sidecar_dates(asset.sidecar)["XMP:DateTimeOriginal"] == sidecar_date, name
 
 
 async def test_upload_in_progress_is_invisible_and_a_dropped_connection_leaves_nothing(

@@ -7,6 +7,7 @@ import re
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
+from xml.etree import ElementTree
 
 import pytest
 
@@ -19,9 +20,12 @@ from sftpgate.immich.client import (
 )
 from sftpgate.immich.standin import StandinServer, StandinState, start_standin
 
+from .readers import sidecar_dates
+
 KEY = "sk-alice-0123456789abcdef"
 CREATED = datetime(2024, 5, 1, 10, 20, 30, tzinfo=timezone(timedelta(hours=2)))
 MODIFIED = datetime(2024, 5, 2, 8, 0, 0, 123456, tzinfo=UTC)
+RDF = "http://www.w3.org/1999/02/22-rdf-syntax-ns#"
 
 
 @pytest.fixture(params=[3])
@@ -87,6 +91,30 @@ async def test_form_follows_server_version(
         assert asset.fields["deviceId"] == "sftpgate"
     else:
         assert "deviceAssetId" not in asset.fields and "deviceId" not in asset.fields
+
+
+@pytest.mark.parametrize("server", [2, 3], indirect=True)
+async def test_date_sidecar_goes_along_on_both_versions(
+    server: StandinServer, client: ImmichClient, photo: Path
+) -> None:
+    outcome = await send(client, photo, created_at=CREATED, sidecar_date=CREATED)
+    sidecar = server.state.assets[outcome.asset_id].sidecar
+    assert sidecar is not None
+    assert sidecar_dates(sidecar) == {
+        "XMP:DateTimeOriginal": "2024:05:01 10:20:30.000+02:00",
+        "XMP:CreateDate": "2024:05:01 10:20:30.000+02:00",
+    }
+    # A well-formed XMP packet: x:xmpmeta / rdf:RDF / rdf:Description.
+    root = ElementTree.fromstring(sidecar)
+    assert root.tag == "{adobe:ns:meta/}xmpmeta"
+    assert root.find(f"{{{RDF}}}RDF/{{{RDF}}}Description") is not None
+
+
+async def test_no_sidecar_unless_asked(
+    server: StandinServer, client: ImmichClient, photo: Path
+) -> None:
+    outcome = await send(client, photo)
+    assert server.state.assets[outcome.asset_id].sidecar is None
 
 
 async def test_created_then_duplicate(

@@ -335,6 +335,78 @@ async def test_filename_field_after_the_file_is_too_late(
         assert (r.status, (await r.json())["message"]) == (400, "Unsupported file type upload.bin")
 
 
+SIDECAR = b'<x:xmpmeta xmlns:x="adobe:ns:meta/"/>\n'
+
+
+def sidecar_form(sidecar_name: str, *, sidecar_first: bool = True) -> aiohttp.FormData:
+    """A v3 upload with a `sidecarData` part before (or after) the `filename` field."""
+    f = aiohttp.FormData({"fileCreatedAt": DATE, "fileModifiedAt": DATE})
+    if sidecar_first:
+        f.add_field("sidecarData", SIDECAR, filename=sidecar_name, content_type="application/xml")
+    f.add_field("filename", "IMG_0001.jxl")
+    if not sidecar_first:
+        f.add_field("sidecarData", SIDECAR, filename=sidecar_name, content_type="application/xml")
+    f.add_field("assetData", PHOTO, filename="IMG_0001.jxl")
+    return f
+
+
+@pytest.mark.parametrize("major", [3, 2])
+async def test_sidecar_is_kept_on_the_asset(
+    server: StandinServer, http: aiohttp.ClientSession, major: int
+) -> None:
+    server.state.major = major
+    device = {"deviceAssetId": "IMG_0001.jxl-1", "deviceId": "sftpgate"} if major == 2 else {}
+    f = sidecar_form("IMG_0001.jxl.xmp")
+    for name, value in device.items():
+        f.add_field(name, value)
+    status, body, _ = await upload(http, server, f)
+    assert (status, body["status"]) == (201, "created")
+    assert server.state.assets[body["id"]].sidecar == SIDECAR
+    async with http.get(f"{server.url}/_standin/assets") as r:
+        (listed,) = await r.json()
+    assert base64.b64decode(listed["sidecar"]) == SIDECAR
+
+    _, plain, _ = await upload(http, server, form(data=b"other bytes", **device))
+    assert server.state.assets[plain["id"]].sidecar is None
+
+
+@pytest.mark.parametrize(
+    ("sidecar_name", "sidecar_first", "refused_name"),
+    [
+        ("IMG_0001.jxl.txt", True, "IMG_0001.jxl.txt"),
+        ("IMG_0001.XMP", True, None),
+        # Immich judges every file part by the `filename` field when that came first.
+        ("IMG_0001.jxl.xmp", False, "IMG_0001.jxl"),
+    ],
+)
+async def test_sidecar_must_be_xmp_by_the_name_immich_checks(
+    server: StandinServer,
+    http: aiohttp.ClientSession,
+    sidecar_name: str,
+    sidecar_first: bool,
+    refused_name: str | None,
+) -> None:
+    status, body, _ = await upload(
+        http, server, sidecar_form(sidecar_name, sidecar_first=sidecar_first)
+    )
+    if refused_name:
+        assert (status, body["message"]) == (400, f"Unsupported file type {refused_name}")
+        assert server.state.assets == {}
+    else:
+        assert status == 201 and server.state.assets[body["id"]].sidecar == SIDECAR
+
+
+async def test_unknown_file_part_is_a_validation_error_on_v3(
+    server: StandinServer, http: aiohttp.ClientSession
+) -> None:
+    f = form()
+    f.add_field("livePhotoData", PHOTO, filename="IMG_0001.mov")
+    status, body, _ = await upload(http, server, f)
+    assert status == 400 and body["message"] == "Validation failed"
+    assert body["errors"][0]["keys"] == ["livePhotoData"]
+    assert server.state.assets == {}
+
+
 @pytest.mark.parametrize(
     ("key", "status", "message"),
     [

@@ -2,16 +2,24 @@
 
 from __future__ import annotations
 
-from datetime import datetime, timedelta
+import shutil
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from zoneinfo import ZoneInfo
 
 import pytest
 
 from sftpgate.optimize import kinds
-from sftpgate.optimize.dates import capture_time, parse_exif_datetime
+from sftpgate.optimize.dates import (
+    UploadDate,
+    capture_time,
+    name_time,
+    parse_exif_datetime,
+    upload_date,
+)
 
 STILL_KINDS = ("jpeg", "heic", "avif", "webp", "raw", "png", "gif")
+BERLIN = ZoneInfo("Europe/Berlin")
 
 
 def _manifest_naive(value: str) -> datetime:
@@ -147,3 +155,111 @@ def test_every_corpus_video_date_agrees_with_ffprobe(
             assert when.isoformat() == datetime.fromisoformat(utc).isoformat(), name
         compared += 1
     assert compared == 7
+
+
+# --- the date in the file name, and which date is sent ---------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("name", "expected"),
+    [
+        # WhatsApp gives the day only: noon in the configured zone.
+        ("IMG-20230415-WA0007.jpg", "2023-04-15T12:00:00+02:00"),
+        ("VID-20230105-WA0001.mp4", "2023-01-05T12:00:00+01:00"),
+        ("img-20230415-wa0007.jpeg", "2023-04-15T12:00:00+02:00"),
+        ("Screenshot_20240102-131415.png", "2024-01-02T13:14:15+01:00"),
+        ("Screenshot_20240702-131415_Chrome.jpg", "2024-07-02T13:14:15+02:00"),
+        ("Screenshot_2024-01-02-13-14-15.png", "2024-01-02T13:14:15+01:00"),
+        ("Screenshot_2024-01-02-13-14-15-123_com.android.chrome.png", "2024-01-02T13:14:15+01:00"),
+        # Pixel names are UTC, given in the configured zone.
+        ("PXL_20230415_103000123.jpg", "2023-04-15T12:30:00.123000+02:00"),
+        ("PXL_20230115_233000000.MP.jpg", "2023-01-16T00:30:00+01:00"),
+        ("IMG_20200101_120000.jpg", "2020-01-01T12:00:00+01:00"),
+        ("IMG_20200101_120000_1.jpg", "2020-01-01T12:00:00+01:00"),
+        ("VID_20200701_235959.mp4", "2020-07-01T23:59:59+02:00"),
+        ("20230415_103000.jpg", "2023-04-15T10:30:00+02:00"),
+        ("signal-2023-05-14-203012.jpg", "2023-05-14T20:30:12+02:00"),
+        ("signal-2023-05-14-20-30-12-123.mp4", "2023-05-14T20:30:12+02:00"),
+        ("IMG_20240229_080000.jpg", "2024-02-29T08:00:00+01:00"),  # a leap day
+    ],
+)
+def test_name_time_reads_the_patterns(name: str, expected: str) -> None:
+    when = name_time(name, "Europe/Berlin")
+    assert when is not None and when.isoformat() == expected
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "IMG_1234.jpg",  # digits, but a counter
+        "DSC01234.JPG",
+        "holiday 20230415_103000.jpg",  # a date, but not where phones put it
+        "IMG_20200101_1200001.jpg",  # runs on into more digits
+        "IMG_2020010_120000.jpg",
+        "IMG-20230415.jpg",  # WhatsApp's counter missing
+        "IMG_20231301_120000.jpg",  # month 13
+        "IMG_20230230_120000.jpg",  # February 30
+        "IMG_20230228_250000.jpg",  # hour 25
+        "IMG_20230229_120000.jpg",  # not a leap year
+        "Screenshot_20240102-136015.png",  # minute 60
+        "IMG-19890101-WA0001.jpg",  # before 1990
+        "PXL_20990101_000000000.jpg",  # far in the future
+        "signal-2023-00-14-203012.jpg",  # month 0
+        "",
+    ],
+)
+def test_name_time_ignores_names_without_a_possible_date(name: str) -> None:
+    assert name_time(name, "Europe/Berlin") is None
+
+
+def test_name_time_refuses_a_day_after_tomorrow_but_not_today() -> None:
+    today = datetime.now(ZoneInfo("Europe/Berlin"))
+    later = today + timedelta(days=3)
+    assert name_time(f"IMG_{today:%Y%m%d}_000000.jpg", "Europe/Berlin") is not None
+    assert name_time(f"IMG_{later:%Y%m%d}_000000.jpg", "Europe/Berlin") is None
+
+
+def test_name_time_in_the_local_zone_when_none_is_configured() -> None:
+    when = name_time("IMG_20200101_120000.jpg", "")
+    assert when == datetime(2020, 1, 1, 12, 0, 0).astimezone()
+    assert when is not None and when.tzinfo is not None
+
+
+def test_name_time_follows_the_configured_zone() -> None:
+    berlin = name_time("Screenshot_20240102-131415.png", "Europe/Berlin")
+    new_york = name_time("Screenshot_20240102-131415.png", "America/New_York")
+    assert berlin is not None and new_york is not None
+    assert new_york - berlin == timedelta(hours=6)  # same wall clock, different instants
+
+
+def test_a_pixel_name_is_one_instant_in_every_zone() -> None:
+    berlin = name_time("PXL_20230415_103000123.jpg", "Europe/Berlin")
+    new_york = name_time("PXL_20230415_103000123.jpg", "America/New_York")
+    local = name_time("PXL_20230415_103000123.jpg", "")
+    assert berlin == new_york == local == datetime(2023, 4, 15, 10, 30, 0, 123000, tzinfo=UTC)
+    assert new_york is not None and new_york.utcoffset() == timedelta(hours=-4)
+
+
+MTIME = datetime(2025, 3, 1, 9, 0, 0, tzinfo=ZoneInfo("Europe/Berlin"))
+
+
+def test_an_embedded_date_wins_over_the_name(corpus: Path, tmp_path: Path) -> None:
+    renamed = tmp_path / "IMG_20200101_120000.jpg"
+    shutil.copyfile(corpus / "jpeg/htc-desire-gps.jpg", renamed)  # EXIF 2011:05:06 09:59:48
+    chosen = upload_date(
+        capture_time(renamed, "jpeg", "Europe/Berlin"), renamed.name, MTIME, "Europe/Berlin"
+    )
+    assert chosen == UploadDate(datetime(2011, 5, 6, 9, 59, 48, tzinfo=BERLIN), "content")
+
+
+def test_without_an_embedded_date_the_name_then_the_mtime(tmp_path: Path) -> None:
+    from PIL import Image
+
+    whatsapp = tmp_path / "IMG-20230415-WA0007.jpg"
+    Image.new("RGB", (16, 16), "teal").save(whatsapp)  # no EXIF at all
+    content = capture_time(whatsapp, "jpeg", "Europe/Berlin")
+    assert content is None
+    chosen = upload_date(content, whatsapp.name, MTIME, "Europe/Berlin")
+    assert chosen == UploadDate(datetime(2023, 4, 15, 12, 0, tzinfo=BERLIN), "name")
+    assert upload_date(None, "photo.jpg", MTIME, "Europe/Berlin") == UploadDate(MTIME, "mtime")
+    assert upload_date(None, "IMG_20231301_120000.jpg", MTIME, "UTC").source == "mtime"

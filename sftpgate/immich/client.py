@@ -124,8 +124,13 @@ class ImmichClient:
         created_at: datetime,
         modified_at: datetime,
         checksum: str,
+        sidecar_date: datetime | None = None,
     ) -> UploadOutcome:
         """Stream `path` to Immich as `filename`; `checksum` is the 40-hex SHA-1 of its bytes.
+
+        `sidecar_date`, when given, goes along as an XMP sidecar (`date_sidecar`). Immich sets
+        an asset's date from the stored file's metadata after the upload, a sidecar's date
+        before the file's own: give one only for a file without an embedded date.
 
         When the last upload of these bytes got no answer (connection lost, time-out), Immich
         is asked first whether it has them, so a lost answer does not cost a second transfer.
@@ -133,6 +138,7 @@ class ImmichClient:
         TransientImmichError / PermanentImmichError when Immich does not take it.
         """
         created, modified = _iso(created_at), _iso(modified_at)
+        sidecar = None if sidecar_date is None else date_sidecar(sidecar_date)
         if checksum in self._unanswered:
             known = await self._known_asset_id(api_key, checksum)
             if known is not None:
@@ -147,6 +153,15 @@ class ImmichClient:
                 form.add_field("deviceId", DEVICE_ID)
             form.add_field("fileCreatedAt", created)
             form.add_field("fileModifiedAt", modified)
+            if sidecar is not None:
+                # Before `filename`: Immich checks a file part's type by the `filename` field
+                # when that came first (and "IMG_0001.jxl" is no sidecar), else by its own name.
+                form.add_field(
+                    "sidecarData",
+                    sidecar,
+                    filename=f"{filename}.xmp",
+                    content_type="application/xml",
+                )
             form.add_field("filename", filename)  # before the file: Immich checks the type early
             form.add_field(
                 "assetData", f, filename=filename, content_type="application/octet-stream"
@@ -356,6 +371,29 @@ class ImmichClient:
                 f"{headers.get('Location', '?')}); set immich.url to the final address."
             )
         return PermanentImmichError(sentence, status=status)
+
+
+# An XMP packet with the capture date. exif:DateTimeOriginal is the first date Immich looks for
+# (and in a sidecar it overrides the file's own); xmp:CreateDate is where other catalogues
+# (digiKam, darktable, Lightroom) look in XMP.
+_XMP_DATE_PACKET = """<?xpacket begin="\ufeff" id="W5M0MpCehiHzreSzNTczkc9d"?>
+<x:xmpmeta xmlns:x="adobe:ns:meta/">
+ <rdf:RDF xmlns:rdf="http://www.w3.org/1999/02/22-rdf-syntax-ns#">
+  <rdf:Description rdf:about=""
+    xmlns:exif="http://ns.adobe.com/exif/1.0/"
+    xmlns:xmp="http://ns.adobe.com/xap/1.0/">
+   <exif:DateTimeOriginal>{date}</exif:DateTimeOriginal>
+   <xmp:CreateDate>{date}</xmp:CreateDate>
+  </rdf:Description>
+ </rdf:RDF>
+</x:xmpmeta>
+<?xpacket end="w"?>
+"""
+
+
+def date_sidecar(moment: datetime) -> bytes:
+    """An XMP sidecar whose capture date is `moment` (aware), with its UTC offset."""
+    return _XMP_DATE_PACKET.format(date=_iso(moment)).encode()
 
 
 def _iso(moment: datetime) -> str:

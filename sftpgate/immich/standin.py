@@ -13,6 +13,8 @@ Behaviour worth knowing (mirrors immich-app/immich server/src/middleware/*, asse
   asset's type is checked when its part starts, from the `filename` field if it came before the
   part, else the part's filename (multer) -> field validation (Zod in v3, class-validator in v2)
   -> "File is empty" -> checksum of the bytes -> duplicate (same user, same SHA-1) or created.
+- A `sidecarData` part must be named `.xmp` (judged, like the asset, by the `filename` field when
+  that came first); its bytes are kept on the created asset as `StandinAsset.sidecar`.
 - Stand-in strictness beyond Immich: a malformed `x-immich-checksum`, or one that does not match
   the bytes, is a 400 (Immich would silently store it under the real checksum).
 - v3 error bodies: `{"statusCode", "message", "errors"?}` plus an `X-Correlation-ID` header;
@@ -118,6 +120,7 @@ class StandinAsset:
     path: Path | None  # <storage_dir>/<id><ext>, None when storage_dir is None
     fields: dict[str, str] = field(default_factory=dict)  # every text field as received
     trashed: bool = False  # in the owner's trash: still a checksum duplicate
+    sidecar: bytes | None = None  # the `sidecarData` part's bytes, None when there was none
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -132,6 +135,9 @@ class StandinAsset:
             "path": str(self.path) if self.path else None,
             "fields": self.fields,
             "isTrashed": self.trashed,
+            "sidecar": base64.b64encode(self.sidecar).decode()
+            if self.sidecar is not None
+            else None,
         }
 
 
@@ -574,6 +580,7 @@ async def _receive_asset(
     fields: dict[str, str] = {}
     files: set[str] = set()
     part_filename = ""
+    sidecar: bytes | None = None
     sha1 = hashlib.sha1()
     size = 0
     temp: Path | None = None
@@ -598,8 +605,14 @@ async def _receive_asset(
                 if name == "sidecarData" and Path(checked_name).suffix.lower() != ".xmp":
                     await _drain(request)
                     return _error(state, 400, f"Unsupported file type {checked_name}")
-                if name != "assetData":
-                    while await part.read_chunk(CHUNK):  # sidecars are not kept
+                if name == "sidecarData":
+                    sidecar = bytes(await part.read(decode=False))
+                    if len(sidecar) > MAX_TEXT_FIELD:
+                        await _drain(request)
+                        return _error(state, 413, "Field too large")
+                    continue
+                if name != "assetData":  # v3's validation refuses it below, v2's ignores it
+                    while await part.read_chunk(CHUNK):
                         pass
                     continue
                 part_filename = part.filename
@@ -656,6 +669,7 @@ async def _receive_asset(
             size=size,
             path=path,
             fields=fields,
+            sidecar=sidecar,
         )
         state.created += 1
         if state.drop_after_commit_next > 0:

@@ -1,9 +1,14 @@
-"""Capture time from the content (Immich's `fileCreatedAt`): always timezone-aware, or None.
+"""When a photo or video was taken (Immich's `fileCreatedAt`): always timezone-aware, or None.
 
-Order: EXIF DateTimeOriginal (+ OffsetTimeOriginal), then DateTimeDigitized (+ OffsetTimeDigitized),
-as Immich itself prefers them; for video Apple's creationdate, then the container's creation_time. IFD0 DateTime is deliberately not used: editors rewrite it, so it is
-a modification time. Without an offset tag the wall-clock time is read in the configured zone,
+From the content: EXIF DateTimeOriginal (+ OffsetTimeOriginal), then DateTimeDigitized
+(+ OffsetTimeDigitized), as Immich itself prefers them; for video Apple's creationdate, then the
+container's creation_time. IFD0 DateTime is deliberately not used: editors rewrite it, so it is a
+modification time. Without an offset tag the wall-clock time is read in the configured zone,
 because that is where the camera's clock was most likely set.
+
+Files without an embedded date (WhatsApp images, screenshots, edited exports) often carry it in
+their name, the way phones and messengers name them; `upload_date` picks the content's date, else
+the name's, else the file's mtime.
 """
 
 from __future__ import annotations
@@ -13,9 +18,11 @@ import re
 import struct
 import warnings
 from collections.abc import Iterator
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta, tzinfo
 from datetime import timezone as dt_timezone
 from pathlib import Path
+from typing import Literal
 from zoneinfo import ZoneInfo
 
 import av
@@ -78,9 +85,14 @@ def parse_exif_datetime(value: object, offset: object, subsec: object, tz: str) 
         delta = timedelta(hours=int(hours), minutes=int(minutes))
         if delta < timedelta(hours=24):
             return naive.replace(tzinfo=dt_timezone(-delta if sign == "-" else delta))
+    return _in_zone(naive, tz)
+
+
+def _in_zone(naive: datetime, tz: str) -> datetime:
+    """A wall-clock time read in the configured zone (the local zone for "" or an unknown name)."""
     configured = zone(tz)
     if configured is None:
-        return naive.astimezone()  # interpreted as local wall-clock time
+        return naive.astimezone()
     return naive.replace(tzinfo=configured)
 
 
@@ -214,3 +226,98 @@ def capture_time(path: Path, kind: str, timezone: str) -> datetime | None:
     except Exception:
         return None  # broken metadata is common; the caller falls back to the file's mtime
     return None
+
+
+# --- the date in a file name ----------------------------------------------------------------
+
+_DATE = r"(?P<year>\d{4})(?P<month>\d{2})(?P<day>\d{2})"
+_DASHED_DATE = r"(?P<year>\d{4})-(?P<month>\d{2})-(?P<day>\d{2})"
+_TIME = r"(?P<hour>\d{2})(?P<minute>\d{2})(?P<second>\d{2})"
+_DASHED_TIME = r"(?P<hour>\d{2})-(?P<minute>\d{2})-(?P<second>\d{2})"
+# Each pattern matches from the start of the name and may not run on into more digits, so a
+# name that merely contains digits ("IMG_1234", "holiday 20230415") is not read as a date.
+_NAME_PATTERNS: tuple[tuple[re.Pattern[str], bool], ...] = tuple(
+    (re.compile(pattern + r"(?!\d)", re.IGNORECASE), in_utc)
+    for pattern, in_utc in (
+        # WhatsApp: IMG-20230415-WA0007.jpg, VID-20230415-WA0001.mp4 (the day only)
+        (rf"(?:IMG|VID)-{_DATE}-WA\d+", False),
+        # Android screenshots: Screenshot_20240102-131415_Chrome.png, Screenshot_2024-01-02-13-14-15
+        (rf"Screenshot_{_DATE}[-_]{_TIME}", False),
+        (rf"Screenshot_{_DASHED_DATE}-{_DASHED_TIME}", False),
+        # Pixel: PXL_20230415_103000123.jpg, milliseconds last; Google Camera names it in UTC.
+        (rf"PXL_{_DATE}_{_TIME}(?P<millisecond>\d{{3}})", True),
+        # Android cameras: IMG_20200101_120000.jpg, VID_20200101_120000_1.mp4
+        (rf"(?:IMG|VID)_{_DATE}_{_TIME}", False),
+        # Samsung Camera: 20230415_103000.jpg
+        (rf"{_DATE}_{_TIME}", False),
+        # Signal: signal-2023-05-14-203012.jpg, newer versions signal-2023-05-14-20-30-12-123.jpg
+        (
+            rf"signal-{_DASHED_DATE}-(?P<hour>\d{{2}})-?(?P<minute>\d{{2}})-?(?P<second>\d{{2}})",
+            False,
+        ),
+    )
+)
+# WhatsApp names give the day only. Noon is the time furthest from both midnights, so the photo
+# stays on its own day wherever it is shown (any zone within 11 hours of the configured one),
+# and such images sort among that day's photos rather than at its very start.
+_NOON = 12
+# Before phones and cameras named files by date; a name "from" then is a counter, not a date.
+_EARLIEST_YEAR = 1990
+# A name dated after the upload is no capture date. A day of slack covers every zone.
+_FUTURE_SLACK = timedelta(days=1)
+
+
+def name_time(name: str, timezone: str) -> datetime | None:
+    """The capture time a phone or messenger wrote into the file name `name`, or None.
+
+    Local-time names are read in `timezone` (IANA name, "" = the local zone), like EXIF dates
+    without an offset; Pixel names are UTC, and the result is that instant in `timezone`. An
+    impossible date (month 13, February 30, before 1990, later than tomorrow) means the digits
+    are not a date, and the name is ignored.
+    """
+    for pattern, in_utc in _NAME_PATTERNS:
+        match = pattern.match(name)
+        if match is None:
+            continue
+        part = match.groupdict()
+        try:
+            naive = datetime(
+                int(part["year"]),
+                int(part["month"]),
+                int(part["day"]),
+                int(part.get("hour") or _NOON),
+                int(part.get("minute") or 0),
+                int(part.get("second") or 0),
+                int(part.get("millisecond") or 0) * 1000,
+            )
+        except ValueError:
+            return None
+        # A UTC name is given in the configured zone: Immich shows the wall-clock time of the
+        # offset it gets, and the phone showed its owner local time, not UTC.
+        when = (
+            naive.replace(tzinfo=UTC).astimezone(zone(timezone))
+            if in_utc
+            else _in_zone(naive, timezone)
+        )
+        if naive.year < _EARLIEST_YEAR or when > datetime.now(UTC) + _FUTURE_SLACK:
+            return None
+        return when
+    return None
+
+
+@dataclass(frozen=True)
+class UploadDate:
+    when: datetime  # timezone-aware
+    source: Literal["content", "name", "mtime"]
+
+
+def upload_date(content: datetime | None, name: str, mtime: datetime, timezone: str) -> UploadDate:
+    """The date to give Immich: the content's own (`capture_time`), else the file name's, else
+    the file's `mtime`. An embedded date always wins: it is the camera's, a name may be a copy's.
+    """
+    if content is not None:
+        return UploadDate(content, "content")
+    from_name = name_time(name, timezone)
+    if from_name is not None:
+        return UploadDate(from_name, "name")
+    return UploadDate(mtime, "mtime")
