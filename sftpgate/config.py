@@ -94,6 +94,9 @@ class ImmichConfig:
     # Immich answers "duplicate" for bytes whose asset is in its trash, and empties the trash
     # later: keep the original in undone/ (the default), or delete it as delivered.
     trashed_duplicates: str = "undone"  # undone | delete
+    # A RAW and the JPEG or HEIC of the same shot (same folder and name) become one Immich
+    # stack, the JPEG on top (permission stack.create).
+    stacks: bool = True
 
 
 @dataclass(frozen=True)

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import sqlite3
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -106,6 +107,16 @@ CREATE TABLE IF NOT EXISTS originals (
 CREATE INDEX IF NOT EXISTS originals_user_path ON originals(user, path);
 CREATE INDEX IF NOT EXISTS originals_state ON originals(state, next_attempt_at);
 CREATE INDEX IF NOT EXISTS originals_user_sha1 ON originals(user, sha1);
+-- Immich stacks made of delivered originals (a RAW and its JPEG): the group is a folder and the
+-- name its members share; asset_ids (JSON, primary first) is what the stack holds.
+CREATE TABLE IF NOT EXISTS stacks (
+    user            TEXT    NOT NULL,
+    folder          TEXT    NOT NULL,
+    name            TEXT    NOT NULL,
+    stack_id        TEXT    NOT NULL,
+    asset_ids       TEXT    NOT NULL,
+    PRIMARY KEY (user, folder, name)
+);
 """
 
 
@@ -348,6 +359,41 @@ class Ledger:
 
     def undone(self) -> list[Original]:
         return self._rows(f"WHERE state = '{State.UNDONE}' ORDER BY id")
+
+    def delivered_in_folder(self, user: str, folder: str) -> list[Original]:
+        """Originals directly in `folder` ("DCIM/" or "" for the root) that reached Immich."""
+        return self._rows(
+            f"WHERE user = ? AND folder = ? AND state = '{State.DONE}' AND asset_id IS NOT NULL"
+            " ORDER BY path",
+            (user, folder),
+        )
+
+    def delivered_of_kind(self, kind: str) -> list[Original]:
+        return self._rows(
+            f"WHERE kind = ? AND state = '{State.DONE}' AND asset_id IS NOT NULL ORDER BY id",
+            (kind,),
+        )
+
+    def stack_assets(self, user: str, folder: str, name: str) -> list[str] | None:
+        """The assets of the stack recorded for this group, primary first; None if none."""
+        row = self._db.execute(
+            "SELECT asset_ids FROM stacks WHERE user = ? AND folder = ? AND name = ?",
+            (user, folder, name),
+        ).fetchone()
+        return [str(a) for a in json.loads(row[0])] if row else None
+
+    def record_stack(
+        self, user: str, folder: str, name: str, stack_id: str, asset_ids: list[str]
+    ) -> None:
+        """Immich made (or merged into) this stack: not asked again for these assets."""
+        kill_point("record_stack:before")
+        with self._transaction():
+            self._db.execute(
+                "INSERT OR REPLACE INTO stacks (user, folder, name, stack_id, asset_ids)"
+                " VALUES (?, ?, ?, ?, ?)",
+                (user, folder, name, stack_id, json.dumps(asset_ids)),
+            )
+        kill_point("record_stack:after")
 
     def iter_all(self) -> Iterator[Original]:
         yield from self._rows("ORDER BY id")

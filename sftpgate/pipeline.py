@@ -39,6 +39,7 @@ from .metrics import Metrics
 from .notify import Notifier
 from .optimize import OptimizeResult, optimize_file
 from .optimize.dates import upload_date
+from .stacks import Stacker
 from .status import finish_interrupted_retries
 from .workers import CodecPool, CodecWorkerError
 
@@ -85,6 +86,7 @@ class Pipeline:
         self._stopping = False
         self._progress = asyncio.Event()  # set whenever an original finishes or is retried
         self.immich_report: ImmichReport | None = None  # what Immich does with the uploads
+        self.stacker = Stacker(config, db, immich)
 
     # -- lifecycle ----------------------------------------------------------------------------
 
@@ -157,6 +159,7 @@ class Pipeline:
         """Dispatch due originals until stopped."""
         watcher = asyncio.create_task(self._watch_immich())
         inspector = asyncio.create_task(self._inspect_immich())
+        stacks = asyncio.create_task(self._catch_up_stacks())
         # One file waits at each worker besides the one it converts, so a worker starts its next
         # file the moment it finishes, not after the dispatcher's ledger round trips.
         capacity = 2 * self.pool.size + self.config.retry.upload_concurrency
@@ -188,6 +191,7 @@ class Pipeline:
         finally:
             watcher.cancel()
             inspector.cancel()
+            stacks.cancel()
 
     def _task_done(self, row_id: int) -> None:
         self._in_flight.pop(row_id, None)
@@ -418,6 +422,7 @@ class Pipeline:
 
         await asyncio.get_running_loop().run_in_executor(None, remove_files)
         await self.db(lambda db: db.finish(row.id, outcome))
+        await self.stacker.after_delivery(row)
         self.metrics.processed_files.labels(outcome=outcome).inc()
         self.metrics.original_bytes.inc(row.size)
         self.metrics.stored_bytes.inc(row.bytes_out or row.size)
@@ -478,6 +483,10 @@ class Pipeline:
             )
             return False
         return trashed
+
+    async def _catch_up_stacks(self) -> None:
+        await self._immich_up.wait()
+        await self.stacker.catch_up()
 
     def _keep_video_codecs(self) -> tuple[str, ...]:
         """The codecs Immich accepts, when it would re-encode a converted video and the

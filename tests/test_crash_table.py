@@ -31,12 +31,14 @@ from .test_crash import ServiceProcess, service_process
 
 PHOTO = "jpeg/htc-desire-gps.jpg"
 CORRUPT = "bad/corrupt-entropy.jpg"
+RAW = "raw/canon-350d-stub.dng"
 
 
 @dataclass(frozen=True)
 class Case:
     kill_at: str
-    scenario: str  # photo | temporary | resent | removed | transient | corrupt | refused | retry
+    # photo | temporary | resent | removed | transient | corrupt | refused | retry | stack
+    scenario: str
 
 
 CASES = [
@@ -71,6 +73,8 @@ CASES = [
     Case("mark_undone:before", "refused"),
     Case("retry_move:after", "retry"),
     Case("requeue_undone:after", "retry"),
+    Case("record_stack:before", "stack"),  # Immich made the stack; the ledger has no record
+    Case("record_stack:after", "stack"),
 ]
 
 
@@ -176,6 +180,9 @@ async def test_a_kill_at_each_step_loses_nothing_and_sends_nothing_twice(
             client = asyncio.create_task(put(port, photo, "IMG_0001.jpg.tmp", remove=True))
         elif case.scenario == "corrupt":
             await put(port, (corpus / CORRUPT).read_bytes(), "IMG_0001.jpg")
+        elif case.scenario == "stack":  # a RAW and its JPEG: stacked once both are delivered
+            await put(port, (corpus / RAW).read_bytes(), "IMG_0001.dng")
+            await put(port, photo, "IMG_0001.jpg")
         else:
             client = asyncio.create_task(
                 send_until_acknowledged(service, port, photo, "IMG_0001.jpg")
@@ -205,7 +212,21 @@ async def test_a_kill_at_each_step_loses_nothing_and_sends_nothing_twice(
     kept = sorted(p.name for p in undone_dir.glob("*")) if undone_dir.is_dir() else []
     assert not list((data_dir / ".work").iterdir()), "optimized files left behind"
     assert in_watch == [], f"left in watch/: {in_watch}"
-    if case.scenario == "removed":
+    if case.scenario == "stack":
+        # Both in Immich once, in one stack with the JPEG on top, recorded in the ledger.
+        by_name = {a.original_file_name: a.id for a in assets}
+        assert sorted(by_name) == ["IMG_0001.dng", "IMG_0001.jxl"]
+        assert list(standin.state.stacks.values()) == [
+            [by_name["IMG_0001.jxl"], by_name["IMG_0001.dng"]]
+        ]
+        recorded = Ledger(ledger_path, readonly=True)
+        try:
+            assert recorded.stack_assets("phone", "", "img_0001") == [
+                by_name["IMG_0001.jxl"], by_name["IMG_0001.dng"],
+            ]  # fmt: skip
+        finally:
+            recorded.close()
+    elif case.scenario == "removed":
         # Removed before delivery: nothing reached Immich, and no row or file is left of it.
         assert assets == [] and final == [] and kept == [] and undone_gauge == 0
         assert not any(r.state in (State.RECEIVED, State.QUEUED) for r in rows(ledger_path))

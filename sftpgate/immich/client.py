@@ -275,6 +275,16 @@ class ImmichClient:
                 + "."
             )
 
+    # --- stacks ---
+
+    async def create_stack(self, api_key: str, asset_ids: list[str]) -> str:
+        """One stack of these assets, the first its primary; a stack whose primary is among them
+        is merged into it by Immich, so asking again for the same assets makes no second one."""
+        body = await self._json(
+            "POST", "/stacks", api_key=api_key, json_body={"assetIds": asset_ids}
+        )
+        return str(body["id"])
+
     def _forget_album(self, album_id: str) -> None:
         self._albums = {k: v for k, v in self._albums.items() if v != album_id}
 

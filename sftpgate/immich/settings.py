@@ -25,6 +25,8 @@ def needed_permissions(config: Config) -> tuple[str, ...]:
     needed = ["asset.upload"]
     if config.immich.album:
         needed += ["album.read", "album.create", "albumAsset.create"]
+    if config.immich.stacks:
+        needed.append("stack.create")
     return tuple(needed)
 
 

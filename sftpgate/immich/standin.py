@@ -179,6 +179,7 @@ class StandinState:
     storage_dir: Path | None = None
     assets: dict[str, StandinAsset] = field(default_factory=dict)
     albums: dict[str, StandinAlbum] = field(default_factory=dict)
+    stacks: dict[str, list[str]] = field(default_factory=dict)  # stack id -> assets, primary first
     # What GET /api/system-config answers: Immich's defaults, for the sections sftpgate reads.
     system_config: dict[str, Any] = field(default_factory=lambda: default_system_config())
     # Fault switches.
@@ -765,6 +766,47 @@ async def add_album_assets(request: web.Request) -> web.Response:
     return web.json_response(results)
 
 
+UUID = re.compile(
+    r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-4[0-9a-fA-F]{3}-[89abAB][0-9a-fA-F]{3}-[0-9a-fA-F]{12}"
+)
+
+
+async def create_stack(request: web.Request) -> web.Response:
+    """POST /api/stacks: a stack whose primary is among the new assets is merged into the new
+    one, and an asset leaves any other stack (an asset is in one stack at most)."""
+    state = request.app[STATE]
+    user_id, denied = _authenticate(request, "stack.create")
+    if denied:
+        return denied
+    body = await request.json()
+    ids = body.get("assetIds") if isinstance(body, dict) else None
+    if not isinstance(ids, list) or len(ids) < 2:
+        issue = {"code": "too_small", "minimum": 2, "path": ["assetIds"]}
+        return _error(state, 400, "Validation failed", errors=[issue])
+    if not all(isinstance(i, str) and UUID.fullmatch(i) for i in ids):
+        issue = {"code": "invalid_format", "format": "uuid", "path": ["assetIds"]}
+        return _error(state, 400, "Validation failed", errors=[issue])
+    if any(i not in state.assets or state.assets[i].owner_id != user_id for i in ids):
+        return _error(state, 400, "Not found or no asset.update access")
+    merged = list(ids)
+    for stack_id, members in list(state.stacks.items()):
+        if members[0] in ids:
+            merged += [m for m in members if m not in merged]
+            del state.stacks[stack_id]
+        else:
+            left = [m for m in members if m not in ids]
+            if len(left) < 2:
+                del state.stacks[stack_id]
+            else:
+                state.stacks[stack_id] = left
+    stack_id = str(uuid.uuid4())
+    state.stacks[stack_id] = merged
+    assets = [{"id": i, "originalFileName": state.assets[i].original_file_name} for i in merged]
+    return web.json_response(
+        {"id": stack_id, "primaryAssetId": merged[0], "assets": assets}, status=201
+    )
+
+
 # --- Control endpoints for tests in another process (not part of Immich) ---
 
 
@@ -859,6 +901,7 @@ def make_app(state: StandinState) -> web.Application:
     app.router.add_get("/api/albums", list_albums)
     app.router.add_post("/api/albums", create_album)
     app.router.add_put("/api/albums/{id}/assets", add_album_assets)
+    app.router.add_post("/api/stacks", create_stack)
     app.router.add_get("/_standin/state", control_state)
     app.router.add_post("/_standin/faults", control_faults)
     app.router.add_post("/_standin/version", control_version)
