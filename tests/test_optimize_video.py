@@ -10,12 +10,14 @@ import contextlib
 import dataclasses
 import os
 import struct
+import subprocess
 import time
 from fractions import Fraction
 from pathlib import Path
 
 import av
 import pytest
+from PIL import Image, ImageChops, ImageStat
 
 from sftpgate.config import OptimizeConfig, VideoConfig
 from sftpgate.optimize import OptimizeResult, optimize_file, video
@@ -25,18 +27,83 @@ FAST = VideoConfig(preset="ultrafast", av1_preset=12)
 CONFIG = OptimizeConfig(video=FAST)
 ROTATED = "video/apple-iphone6-rot90-gps.mov"  # rotate 90, Apple keys, 2 mebx tracks
 ANDROID = "video/android6-1080p-gps.mp4"  # ©xyz location, 0.17 s
+IPHONE5 = "video/apple-iphone5-1080p-gps.mov"  # edit lists end both tracks inside a sample
+SAMSUNG = "video/samsung-s22-hevc-rot90-gps.mp4"  # full range, BT.470BG primaries
+CORPUS_VIDEOS = (ROTATED, ANDROID, IPHONE5, SAMSUNG)
+COLOUR_KEYS = ("color_range", "color_primaries", "color_transfer", "color_space")
 
 
 @pytest.fixture(scope="module")
 def converted(corpus: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, OptimizeResult]:
     work = tmp_path_factory.mktemp("video-work")
-    return {name: optimize_file(corpus / name, work, CONFIG, "UTC") for name in (ROTATED, ANDROID)}
+    return {name: optimize_file(corpus / name, work, CONFIG, "UTC") for name in CORPUS_VIDEOS}
+
+
+def _frame_seconds(path: Path) -> float:
+    video_stream = next(s for s in ffprobe(path)["streams"] if s["codec_type"] == "video")
+    return float(1 / Fraction(video_stream["avg_frame_rate"]))
+
+
+def _within_a_frame(src: Path) -> float:
+    """One frame of the source, plus a tick of each movie header (1/600 s Apple, 1/1000 s FFmpeg)."""
+    return _frame_seconds(src) + 1 / 600 + 1 / 1000
 
 
 def _same_video_metadata(src: Path, output: Path) -> None:
     before, after = video_metadata(src), video_metadata(output)
-    assert abs(float(after.pop("duration")) - float(before.pop("duration"))) <= 0.5
+    difference = abs(float(after.pop("duration")) - float(before.pop("duration")))
+    assert difference <= _within_a_frame(src)
     assert after == before
+
+
+def _luma_at(path: Path, seconds: float) -> Image.Image:
+    """The frame shown at `seconds`, as Debian's ffmpeg decodes it (not rotated)."""
+    video_stream = next(s for s in ffprobe(path)["streams"] if s["codec_type"] == "video")
+    size = (video_stream["width"], video_stream["height"])
+    raw = subprocess.run(
+        [
+            "ffmpeg", "-v", "error", "-noautorotate", "-ss", f"{seconds:.3f}", "-i", str(path),
+            "-frames:v", "1", "-f", "rawvideo", "-pix_fmt", "gray", "-",
+        ],
+        capture_output=True,
+        check=True,
+    ).stdout  # fmt: skip
+    return Image.frombytes("L", size, raw)
+
+
+@pytest.mark.parametrize("name", CORPUS_VIDEOS)
+def test_colour_duration_and_pixels_match_the_source(
+    name: str, converted: dict[str, OptimizeResult], corpus: Path
+) -> None:
+    result, src = converted[name], corpus / name
+    assert result.decision == "converted", result.reason
+    output = Path(result.output or "")
+    before, after = ffprobe(src), ffprobe(output)
+    tolerance = _within_a_frame(src)
+
+    def by_kind(probe: dict[str, object]) -> list[dict[str, object]]:
+        wanted = ("video", "audio")
+        return sorted(
+            (s for s in probe["streams"] if s["codec_type"] in wanted),
+            key=lambda s: s["codec_type"] != "video",
+        )
+
+    assert len(by_kind(before)) == len(by_kind(after))
+    for source_stream, output_stream in zip(by_kind(before), by_kind(after), strict=True):
+        difference = float(output_stream["duration"]) - float(source_stream["duration"])
+        assert abs(difference) <= tolerance, (source_stream["codec_type"], difference)
+    source_video, output_video = by_kind(before)[0], by_kind(after)[0]
+    declared = {
+        k: source_video[k] for k in COLOUR_KEYS if source_video.get(k, "unknown") != "unknown"
+    }
+    assert {k: output_video.get(k) for k in declared} == declared
+    assert (
+        abs(float(after["format"]["duration"]) - float(before["format"]["duration"])) <= tolerance
+    )
+    # Both files show their frames at the same times, so the first frame from there is the same.
+    middle = float(source_video["duration"]) / 2
+    difference = ImageChops.difference(_luma_at(src, middle), _luma_at(output, middle))
+    assert ImageStat.Stat(difference).mean[0] <= video.MAX_LUMA_DIFFERENCE
 
 
 def test_rotation_apple_keys_and_audio_survive(
@@ -158,7 +225,7 @@ def test_amr_audio_is_converted_to_aac_for_mp4(corpus: Path, tmp_path: Path) -> 
     audio_streams = [s for s in probe["streams"] if s["codec_type"] == "audio"]
     assert [(s["codec_name"], s["sample_rate"]) for s in audio_streams] == [("aac", "8000")]
     before = ffprobe(src)["format"]
-    assert abs(float(probe["format"]["duration"]) - float(before["duration"])) <= 0.5
+    assert abs(float(probe["format"]["duration"]) - float(before["duration"])) <= 1 / 15
     assert probe["format"]["tags"]["creation_time"] == before["tags"]["creation_time"]
 
 
@@ -188,23 +255,72 @@ def test_top_level_xmp_box_is_carried(corpus: Path, tmp_path: Path) -> None:
     assert exiftool(output, ["XMPToolkit"])["XMPToolkit"] == "sftpgate test"
 
 
-def test_verify_refuses_an_output_that_differs(
-    converted: dict[str, OptimizeResult], corpus: Path
-) -> None:
+@pytest.mark.parametrize(
+    "encoding",
+    [
+        pytest.param([], id="plain"),
+        pytest.param(["-bf", "3", "-g", "12"], id="b-frames"),
+        pytest.param(["-bf", "2", "-output_ts_offset", "30"], id="starts-at-30s"),
+    ],
+)
+def test_mpeg2_program_stream_keeps_its_duration(encoding: list[str], tmp_path: Path) -> None:
+    # An MPEG program stream starts at a clock value (0.53 s here, 30 s when cut from a longer
+    # recording): kept in the MP4 as an empty edit, the file lasted 8.86 s instead of 8.33 s.
+    src = tmp_path / "camcorder.mpg"
+    subprocess.run(
+        [
+            "ffmpeg", "-v", "error", "-f", "lavfi", "-i", "testsrc=size=320x240:rate=25",
+            "-f", "lavfi", "-i", "sine", "-t", "8.32", "-c:v", "mpeg2video", *encoding,
+            "-c:a", "mp2", "-f", "vob", str(src),
+        ],
+        check=True,
+    )  # fmt: skip
+    before = ffprobe(src)
+    assert float(before["format"]["start_time"]) >= 0.5
+    result = optimize_file(src, tmp_path / "work", CONFIG, "UTC")
+    assert (result.decision, result.extension) == ("converted", ".mp4"), result.reason
+    after = ffprobe(Path(result.output or ""))
+    frame = 1 / 25
+    assert float(after["format"]["start_time"]) < frame
+    assert abs(float(after["format"]["duration"]) - float(before["format"]["duration"])) <= frame
+    video_stream, audio_stream = after["streams"]
+    # 208 frames of 1/25 s; the reader only estimates the source's (8.24 s with B-frames).
+    assert (video_stream["nb_frames"], video_stream["duration"]) == ("208", "8.320000")
+    source_audio = before["streams"][1]
+    assert source_audio["codec_type"] == audio_stream["codec_type"] == "audio"
+    assert abs(float(audio_stream["duration"]) - float(source_audio["duration"])) <= frame
+
+
+def test_verify_refuses_an_output_that_differs(corpus: Path, tmp_path: Path) -> None:
     src = corpus / ROTATED
     with src.open("rb") as f:
         info = video.inspect(src, f.read(64), CONFIG.max_pixels)
-    output = Path(converted[ROTATED].output or "")
-    video.verify(info, output, 120, FAST)  # the real source: passes
-    for changed, frames, match in (
-        (dataclasses.replace(info, rotation=0), 120, "rotation"),
-        (info, 121, "frames"),
-        (dataclasses.replace(info, duration=info.duration + 1), 120, "lasts"),
-        (dataclasses.replace(info, audio_codecs=()), 120, "audio streams"),
-        (dataclasses.replace(info, metadata={**info.metadata, "location": "+1+1/"}), 120, "lacks"),
-    ):
+    output = tmp_path / "out.mov"
+    encoded = video.transcode(src, info, output, FAST)
+    video.verify(info, output, encoded, FAST)  # the real source: passes
+    reference = encoded.reference
+    assert reference is not None
+    negative = Image.eval(reference.luma, lambda v: 255 - v)
+    one_frame = 1 / info.fps
+    for changed, differing, match in (
+        (dataclasses.replace(info, rotation=0), encoded, "rotation"),
+        (info, dataclasses.replace(encoded, frames=121), "frames"),
+        (dataclasses.replace(info, duration=info.duration + one_frame + 0.01), encoded, "duration"),
+        (info, dataclasses.replace(encoded, video_seconds=Fraction(5)), "video stream"),
+        (dataclasses.replace(info, audio_durations=(Fraction(3),)), encoded, "audio stream 1"),
+        (dataclasses.replace(info, audio_codecs=()), encoded, "audio streams"),
+        (dataclasses.replace(info, color_primaries=9), encoded, "colour primaries"),
+        (dataclasses.replace(info, color_range=2), encoded, "colour range"),
+        (dataclasses.replace(info, metadata={**info.metadata, "location": "+1+1/"}), encoded, "lacks"),
+        (info, dataclasses.replace(encoded, reference=dataclasses.replace(reference, luma=negative)), "differs"),
+        (info, dataclasses.replace(encoded, reference=dataclasses.replace(reference, time=Fraction(9))), "no frame"),
+    ):  # fmt: skip
         with pytest.raises(video.VideoError, match=match):
-            video.verify(changed, output, frames, FAST)
+            video.verify(changed, output, differing, FAST)
+    # Within a frame passes: the tolerance is not looser than it says, nor tighter.
+    video.verify(
+        dataclasses.replace(info, duration=info.duration + 0.9 * one_frame), output, encoded, FAST
+    )
 
 
 def test_a_conversion_that_cannot_finish_in_time_is_kept(corpus: Path, tmp_path: Path) -> None:

@@ -299,7 +299,7 @@ def _optimize_video(
             target.discard()
             return out.make(KEPT, small, metadata)
         try:
-            video.verify(info, target.temp, encoded.frames, config.video)
+            video.verify(info, target.temp, encoded, config.video)
         except Exception as exc:
             target.discard()
             return out.make(
@@ -309,7 +309,8 @@ def _optimize_video(
     return out.make(
         CONVERTED,
         f"converted to {video.describe(info, config.video, encoded)}; verified (decodes, "
-        f"duration, dimensions, rotation, audio, metadata): {out.size:,} → {size:,} bytes "
+        f"duration within a frame, dimensions, rotation, colour, a frame's pixels, audio, "
+        f"metadata): {out.size:,} → {size:,} bytes "
         f"({saving:.1%} smaller)",
         metadata,
         output,
