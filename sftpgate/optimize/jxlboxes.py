@@ -1,4 +1,5 @@
-"""JPEG XL container boxes: list them, and rewrite Brotli-compressed (`brob`) boxes as plain ones.
+"""JPEG XL container boxes: list them, rewrite Brotli-compressed (`brob`) boxes as plain ones,
+and build a container around a bare codestream.
 
 libjxl's lossless JPEG transcode stores the JPEG's EXIF and XMP in `brob` boxes. exiftool reads
 those only when Perl's IO::Compress::Brotli is installed (Debian's exiftool 12.57 is not; Immich's
@@ -107,6 +108,22 @@ def decompress_brob_boxes(data: bytes, limit: int) -> bytes:
 
 
 _FTYP = struct.pack(">I4s4sI4s", 20, b"ftyp", b"jxl ", 0, b"jxl ")
+# `colr` method 3, "any ICC" (JPEG 2000 part 2): method 2 would promise a matrix/TRC-only
+# profile, which we do not check. Precedence and approximation 0 are what exiftool itself writes.
+_COLR_ANY_ICC = bytes((3, 0, 0))
+
+
+def icc_box(icc: bytes) -> tuple[bytes, bytes]:
+    """A JPEG 2000-style colour specification box holding `icc`, for `container`.
+
+    exiftool reads JPEG XL files with its JPEG 2000 box parser and does not decode the ICC profile
+    inside the codestream (it takes only the image size from there), so without this box it reports
+    no profile at all and a library that picks its colour handling from exiftool's
+    ProfileDescription treats a Display P3 image as sRGB. libjxl decoders skip box types JPEG XL
+    does not define, so this copy never changes how the image decodes: the codestream's profile
+    stays the one that counts.
+    """
+    return b"colr", _COLR_ANY_ICC + icc
 
 
 def container(codestream: bytes, boxes: list[tuple[bytes, bytes]]) -> bytes:
