@@ -1,5 +1,5 @@
 """JPEG XL container boxes: list them, rewrite Brotli-compressed (`brob`) boxes as plain ones,
-and build a container around a bare codestream.
+build a container around a bare codestream, and add a box to an existing container.
 
 libjxl's lossless JPEG transcode stores the JPEG's EXIF and XMP in `brob` boxes. exiftool reads
 those only when Perl's IO::Compress::Brotli is installed (Debian's exiftool 12.57 is not; Immich's
@@ -124,6 +124,23 @@ def icc_box(icc: bytes) -> tuple[bytes, bytes]:
     stays the one that counts.
     """
     return b"colr", _COLR_ANY_ICC + icc
+
+
+def insert_before_last_codestream_box(data: bytes, box: tuple[bytes, bytes]) -> bytes:
+    """`data` (a JPEG XL container) with the (type, payload) `box` added just before its last
+    `jxlc` / `jxlp` box, where `container` puts its boxes too.
+
+    Everything libjxl wrote ahead of it (the header's `jxlp`, `jbrd`, `Exif`, `xml `) keeps its
+    order, which the JPEG reconstruction depends on. exiftool finds a box anywhere, and libjxl's
+    decoders (0.7 and 0.12) skip a box they do not know wherever it is (measured).
+    """
+    last = None
+    for found in iter_boxes(data):
+        if found.type in (b"jxlc", b"jxlp"):
+            last = found
+    if last is None:
+        raise JxlBoxError("the container holds no codestream box")
+    return data[: last.start] + _plain_box(*box) + data[last.start :]
 
 
 def container(codestream: bytes, boxes: list[tuple[bytes, bytes]]) -> bytes:
