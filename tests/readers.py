@@ -42,6 +42,15 @@ def exiftool(path: Path, tags: list[str]) -> dict[str, object]:
     return {t: doc.get(t.split(":")[-1]) for t in tags}  # exiftool names keys without group
 
 
+def exiftool_icc(path: Path) -> bytes | None:
+    """The whole ICC profile as exiftool extracts it from the file itself (no djxl)."""
+    _need("exiftool", "libimage-exiftool-perl")
+    out = subprocess.run(
+        ["exiftool", "-b", "-ICC_Profile", str(path)], capture_output=True, check=True
+    )
+    return out.stdout or None
+
+
 def icc_description(path: Path) -> str | None:
     """The ICC profile's description, read by exiftool (from the JXL codestream via djxl)."""
     if path.suffix.lower() != ".jxl":

@@ -19,9 +19,10 @@ from PIL import Image, ImageCms, ImageOps
 
 from sftpgate.config import JpegConfig, OptimizeConfig
 from sftpgate.optimize import OptimizeResult, jpeg, jxlboxes, optimize_file
-from tests.readers import exiftool
+from tests.readers import exiftool, exiftool_icc
 
 CONFIG = OptimizeConfig()
+ADOBE = "jpeg/canon-eos7d-adobergb-xmp.jpg"  # Adobe RGB (1998) ICC, EXIF, XMP
 EXIFTOOL_TAGS = ("DateTimeOriginal", "GPSLatitude", "GPSLongitude", "Orientation", "Make", "Model")
 
 
@@ -109,20 +110,24 @@ def test_no_brob_box_remains_and_metadata_is_in_plain_boxes(
         assert result.metadata_kept == info.metadata(), name
 
 
-def test_icc_profile_is_carried_in_the_codestream(
+def test_icc_profile_is_carried_in_the_codestream_and_a_colr_box(
     converted: dict[str, OptimizeResult], manifest: dict[str, dict[str, str]], corpus: Path
 ) -> None:
-    # exiftool 12.57 cannot read the ICC from a JPEG XL at all (it lives in the codestream's colour
-    # encoding, not in a box), so the ICC check uses libjxl's decoder directly.
+    # libjxl's decoder reads the codestream's profile; exiftool never does, it reads the box.
     checked = 0
     for name in converted_names(manifest):
         with Image.open(corpus / name) as im:
             icc = im.info.get("icc_profile")
+        output = Path(converted[name].output or "")
+        types = jxlboxes.box_types(output.read_bytes())
         if manifest[name]["icc_profile"] == "no":
             assert icc is None and "ICC" not in converted[name].metadata_kept
+            assert b"colr" not in types and exiftool_icc(output) is None, name
             continue
-        _, _, _, jxl_icc, _ = pillow_jxl.Decoder()(Path(converted[name].output or "").read_bytes())
+        _, _, _, jxl_icc, _ = pillow_jxl.Decoder()(output.read_bytes())
         assert jxl_icc == icc and "ICC" in converted[name].metadata_kept, name
+        assert exiftool_icc(output) == icc, name
+        assert types.count(b"colr") == 1 and types[-2:] == [b"colr", b"jxlp"], name
         checked += 1
     assert checked >= 4  # sRGB, Adobe RGB (two) and Nikon sRGB profiles in the corpus
 
@@ -154,18 +159,77 @@ def test_exiftool_reads_the_same_metadata_from_the_jxl(
     assert with_gps >= 5
 
 
-def test_exiftool_sees_the_icc_description_after_reconstruction(
-    converted: dict[str, OptimizeResult], manifest: dict[str, dict[str, str]], tmp_path: Path
+def test_exiftool_sees_the_icc_description_in_the_jxl(
+    converted: dict[str, OptimizeResult], manifest: dict[str, dict[str, str]]
 ) -> None:
-    names = [n for n in converted_names(manifest) if manifest[n]["icc_profile"] != "no"]
-    rebuilt = []
-    for index, name in enumerate(names):
-        _, _, data, _, _ = pillow_jxl.Decoder()(Path(converted[name].output or "").read_bytes())
-        target = tmp_path / f"{index}.jpg"
-        target.write_bytes(data)
-        rebuilt.append(target)
-    for name, tags in zip(names, _exiftool(rebuilt), strict=True):
-        assert tags.get("ProfileDescription") == manifest[name]["icc_profile"], name
+    names = converted_names(manifest)
+    for name, tags in zip(
+        names, _exiftool([Path(converted[n].output or "") for n in names]), strict=True
+    ):
+        expected = manifest[name]["icc_profile"]
+        assert tags.get("ProfileDescription") == (None if expected == "no" else expected), name
+
+
+def test_adobe_rgb_profile_is_where_exiftool_reads_it(
+    converted: dict[str, OptimizeResult], corpus: Path
+) -> None:
+    # Without the `colr` box exiftool reports no profile for the .jxl, and a library that picks
+    # its colour handling from ProfileDescription would show this Adobe RGB photo as sRGB.
+    src, output = corpus / ADOBE, Path(converted[ADOBE].output or "")
+    assert jxlboxes.box_types(output.read_bytes())[2:] == [
+        b"jxlp", b"jbrd", b"Exif", b"xml ", b"colr", b"jxlp"
+    ]  # fmt: skip
+    colour = ["ProfileDescription", "ColorSpecMethod", "Jpeg2000:ColorSpace"]
+    assert exiftool(output, colour) == {
+        "ProfileDescription": "Adobe RGB (1998)",
+        "ColorSpecMethod": 3,  # any ICC; no enumerated JPEG 2000 colour space beside it
+        "Jpeg2000:ColorSpace": None,
+    }
+    assert exiftool(src, ["ProfileDescription"])["ProfileDescription"] == "Adobe RGB (1998)"
+    assert exiftool_icc(output) == exiftool_icc(src) is not None
+    # EXIF and XMP still read as before, including XMP's ColorSpace (65535, Uncalibrated: how
+    # Adobe RGB is marked there).
+    tags = ["XMP:ColorSpace", "XMP:Rating", "XMP:Label", "Make", "Model", "DateTimeOriginal"]
+    assert exiftool(output, tags) == exiftool(src, tags)
+    assert exiftool(output, ["XMP:ColorSpace", "XMP:Label", "Make"]) == {
+        "XMP:ColorSpace": 65535,
+        "XMP:Label": "blau",
+        "Make": "Canon",
+    }
+
+
+def test_profile_in_several_app2_chunks_is_joined(corpus: Path, tmp_path: Path) -> None:
+    # A profile over 64 KB is split into numbered APP2 chunks; the corpus has a split profile only
+    # in a CMYK JPEG (kept), so the Adobe RGB profile is split into three chunks here.
+    with Image.open(corpus / ADOBE) as im:
+        icc = im.info["icc_profile"]
+        single = io.BytesIO()
+        im.save(single, "JPEG", quality=90, icc_profile=icc)
+    data = single.getvalue()
+    start = data.index(b"ICC_PROFILE\x00") - 4  # the APP2 marker and its length
+    end = start + 2 + struct.unpack_from(">H", data, start + 2)[0]
+    assert data[start + 4 : end] == b"ICC_PROFILE\x00\x01\x01" + icc  # Pillow wrote one chunk
+    third = len(icc) // 3
+    parts = [icc[:third], icc[third : 2 * third], icc[2 * third :]]
+    chunks = [
+        b"ICC_PROFILE\x00" + bytes((number, 3)) + part for number, part in enumerate(parts, 1)
+    ]
+    app2 = b"".join(b"\xff\xe2" + struct.pack(">H", 2 + len(c)) + c for c in chunks)
+    src = tmp_path / "split.jpg"
+    src.write_bytes(data[:start] + app2 + data[end:])
+    assert jpeg.parse_jpeg(src.read_bytes()).icc == icc
+    assert exiftool_icc(src) == icc  # exiftool joins the chunks the same way
+
+    result = optimize_file(src, tmp_path / "work", dataclasses.replace(CONFIG, min_savings=0.0), "")
+    assert result.decision == "converted" and "ICC" in result.metadata_kept, result.reason
+    output = Path(result.output or "")
+    assert exiftool_icc(output) == icc
+    assert exiftool(output, ["ProfileDescription"])["ProfileDescription"] == "Adobe RGB (1998)"
+    assert pillow_jxl.Decoder()(output.read_bytes())[2] == src.read_bytes()
+    if shutil.which("djxl"):
+        rebuilt = tmp_path / "rebuilt.jpg"
+        subprocess.run(["djxl", str(output), str(rebuilt)], check=True, capture_output=True)
+        assert rebuilt.read_bytes() == src.read_bytes()  # the three chunks exactly as they were
 
 
 def test_rerun_writes_the_same_path_and_bytes(corpus: Path, tmp_path: Path) -> None:
@@ -382,7 +446,14 @@ def test_lossy_converts_adobe_rgb_to_srgb(corpus: Path, tmp_path: Path) -> None:
     result = optimize_file(src, tmp_path / "work", LOSSY, "")
     assert result.decision == "converted" and "'Adobe RGB (1998)' to sRGB" in result.reason
     assert result.metadata_kept == ("EXIF",)
-    decoded = _djxl_pixels(Path(result.output or ""), tmp_path)
+    output = Path(result.output or "")
+    # The codestream declares sRGB by enumeration and holds no profile: no `colr` box, and no
+    # profile is what exiftool reports, which readers take as sRGB.
+    info = subprocess.run(["jxlinfo", str(output)], capture_output=True, text=True).stdout
+    assert "sRGB primaries, sRGB transfer function" in info and "ICC" not in info
+    assert b"colr" not in jxlboxes.box_types(output.read_bytes())
+    assert exiftool(output, ["ProfileDescription"])["ProfileDescription"] is None
+    decoded = _djxl_pixels(output, tmp_path)
     with Image.open(src) as im:
         profile = ImageCms.ImageCmsProfile(io.BytesIO(icc))
         managed = ImageCms.profileToProfile(im, profile, ImageCms.createProfile("sRGB"))

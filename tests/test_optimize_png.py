@@ -15,10 +15,11 @@ from PIL import Image, PngImagePlugin
 
 from sftpgate.config import OptimizeConfig, PngConfig
 from sftpgate.optimize import OptimizeResult, jxlboxes, jxlicc, optimize_file
-from tests.readers import exiftool, icc_description
+from tests.readers import exiftool, exiftool_icc, icc_description
 
 CONFIG = OptimizeConfig(png=PngConfig(effort=3))  # effort 3: same pixels, faster tests
 PHOTO = "png/photo-rgba-icc.png"  # RGBA, "Display" ICC, EXIF, XMP, IPTC in a text chunk
+SCREENSHOT = "png/screenshot-phone-p3-xmp.png"  # 16-bit, Display P3 ICC, XMP
 
 
 def _djxl(jxl: Path, tmp_path: Path) -> tuple[Image.Image, bytes | None]:
@@ -67,6 +68,38 @@ def test_icc_png_converts_pixel_exact_with_its_profile(corpus: Path, tmp_path: P
     tags = ["Orientation", "UserComment", "XMPToolkit"]
     assert exiftool(output, tags) == exiftool(src, tags)
     assert exiftool(output, ["XMPToolkit"])["XMPToolkit"] == "XMP Core 6.0.0"
+    assert exiftool_icc(output) == icc  # read from the JXL itself, no djxl in between
+
+
+def test_p3_profile_is_where_exiftool_reads_it(corpus: Path, tmp_path: Path) -> None:
+    # exiftool never decodes the codestream's ICC; without the `colr` box it reports no profile and
+    # Immich, which picks the sRGB preview path unless ProfileDescription (or ColorSpace) says
+    # otherwise, would render a Display P3 screenshot as sRGB.
+    with Image.open(corpus / SCREENSHOT) as im:
+        im.load()  # Pillow reads the 16-bit screenshot as 8-bit: an 8-bit P3 PNG, as phones write
+        src = tmp_path / "p3.png"
+        im.save(src, "PNG", icc_profile=im.info["icc_profile"])
+    flat = dataclasses.replace(CONFIG, min_savings=0.0)  # flat colours: PNG is nearly as small
+    result = optimize_file(src, tmp_path / "work", flat, "")
+    assert result.decision == "converted" and result.metadata_kept == ("ICC",), result.reason
+    output = Path(result.output or "")
+    with Image.open(src) as original:
+        icc = original.info["icc_profile"]
+        pixels, djxl_icc = _djxl(output, tmp_path)
+        assert (pixels.tobytes(), djxl_icc) == (original.tobytes(), icc)  # codestream unchanged
+        _is_jpeg, _info, plugin_pixels, plugin_icc, _boxes = pillow_jxl.Decoder()(
+            output.read_bytes()
+        )
+        assert (plugin_pixels, plugin_icc) == (original.tobytes(), icc)
+    assert jxlboxes.box_types(output.read_bytes())[-2:] == [b"colr", b"jxlc"]
+    tags = ["ProfileDescription", "ColorSpecMethod", "ColorSpace"]
+    assert exiftool(output, tags) == {
+        "ProfileDescription": "Display P3",
+        "ColorSpecMethod": 3,  # any ICC; no enumerated JPEG 2000 ColorSpace alongside it
+        "ColorSpace": None,
+    }
+    assert exiftool(src, ["ProfileDescription"])["ProfileDescription"] == "Display P3"
+    assert exiftool_icc(output) == exiftool_icc(src) == icc
 
 
 def test_corpus_png_with_iptc_text_is_kept(corpus: Path, tmp_path: Path) -> None:
@@ -77,7 +110,7 @@ def test_corpus_png_with_iptc_text_is_kept(corpus: Path, tmp_path: Path) -> None
 
 
 def test_16_bit_png_is_kept(corpus: Path, tmp_path: Path) -> None:
-    src = corpus / "png/screenshot-phone-p3-xmp.png"
+    src = corpus / SCREENSHOT
     result = optimize_file(src, tmp_path, CONFIG, "")
     assert result.decision == "kept" and "16-bit" in result.reason
     assert exiftool(src, ["BitDepth"])["BitDepth"] == 16  # the reason is true of the file
@@ -135,6 +168,8 @@ def test_png_without_icc_converts_as_srgb(corpus: Path, tmp_path: Path) -> None:
     output = Path(result.output or "")
     info = subprocess.run(["jxlinfo", str(output)], capture_output=True, text=True).stdout
     assert "sRGB" in info and "ICC" not in info
+    assert b"colr" not in jxlboxes.box_types(output.read_bytes())
+    assert exiftool_icc(output) is None
     pixels, _icc = _djxl(output, tmp_path)
     with Image.open(src) as original:
         assert pixels.tobytes() == original.tobytes()

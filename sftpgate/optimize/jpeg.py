@@ -10,6 +10,8 @@ it the way notes/codecs.md measured to be safe:
   `quality=1.0` would write a smaller, NOT bit-exact file that still carries a `jbrd` box, and
   `Image.save()` from a stream silently falls back to a lossy pixel encode;
 - `brob` metadata boxes are rewritten to plain boxes (see jxlboxes.py);
+- the JPEG's ICC profile, which libjxl keeps only inside the codestream, is copied into a `colr`
+  box, where exiftool reads it (see `jxlboxes.icc_box`);
 - the result is accepted only if `Decoder` gives back exactly the original bytes.
 """
 
@@ -79,6 +81,7 @@ class JpegInfo:
     exif: bytes = b""  # the TIFF structure of the first EXIF segment, b"" if none
     has_extended_xmp: bool = False  # XMP continued in extension segments (e.g. a depth map)
     has_iptc: bool = False  # IPTC-IIM (keywords, captions) in the APP13 Photoshop resources
+    icc: bytes = b""  # the ICC profile, its APP2 chunks joined in file order; b"" if none
 
     def metadata(self) -> tuple[str, ...]:
         kinds = (("EXIF", self.has_exif), ("XMP", self.has_xmp), ("ICC", self.has_icc))
@@ -94,6 +97,7 @@ def parse_jpeg(data: bytes) -> JpegInfo:
     has_exif = has_xmp = has_icc = has_mpf = seen_sos = False
     has_extended_xmp = has_iptc = False
     xmp = exif = b""
+    icc_chunks: list[bytes] = []
     image_end: int | None = None
     damage = ""
     try:
@@ -135,6 +139,10 @@ def parse_jpeg(data: bytes) -> JpegInfo:
             elif marker == 0xE2:
                 if segment.startswith(_ICC_ID):
                     has_icc = True
+                    # After the identifier: chunk number and chunk count, one byte each. libjxl
+                    # joins the chunks in file order (and refuses them out of sequence), so this
+                    # is the profile the codestream will carry.
+                    icc_chunks.append(segment[len(_ICC_ID) + 2 :])
                 elif segment.startswith(_MPF_ID):
                     has_mpf = True
             elif marker in _SOF_MARKERS and sof is None:
@@ -185,6 +193,7 @@ def parse_jpeg(data: bytes) -> JpegInfo:
         exif=exif,
         has_extended_xmp=has_extended_xmp,
         has_iptc=has_iptc,
+        icc=b"".join(icc_chunks),
     )
 
 
@@ -341,9 +350,13 @@ def _encode(data: bytes, info: JpegInfo, width: int, height: int, effort: int) -
 
 
 def _verify(data: bytes, info: JpegInfo, jxl: bytes) -> Transcode:
-    """Rewrite brob boxes, then accept the .jxl only if it carries the metadata and decodes back
-    to exactly `data`."""
+    """Rewrite brob boxes, add the ICC box, then accept the .jxl only if it carries the metadata
+    and decodes back to exactly `data`."""
     jxl = jxlboxes.decompress_brob_boxes(jxl, limit=len(data))
+    if info.icc:
+        # Bit-exact reconstruction below also proves the box right: libjxl rebuilds the APP2
+        # chunks from the codestream's profile, so they match only if the two profiles are equal.
+        jxl = jxlboxes.insert_before_last_codestream_box(jxl, jxlboxes.icc_box(info.icc))
     types = jxlboxes.box_types(jxl)
     missing = [
         name
@@ -425,6 +438,8 @@ def transcode_lossy(data: bytes, info: JpegInfo, quality: int, effort: int) -> L
 
     The plugin's pixel path always declares sRGB and drops the ICC (notes/codecs.md §2), and
     an XYB-encoded image cannot be relabelled afterwards, so the colours are converted first.
+    No `colr` box then: the codestream holds no profile, only the enumerated sRGB, and exiftool
+    reporting no profile is what readers take for sRGB.
     """
     notes: list[str] = []
     with Image.open(io.BytesIO(data), formats=["JPEG"]) as im:

@@ -1,4 +1,5 @@
-"""JPEG XL container boxes: list them, and rewrite Brotli-compressed (`brob`) boxes as plain ones.
+"""JPEG XL container boxes: list them, rewrite Brotli-compressed (`brob`) boxes as plain ones,
+build a container around a bare codestream, and add a box to an existing container.
 
 libjxl's lossless JPEG transcode stores the JPEG's EXIF and XMP in `brob` boxes. exiftool reads
 those only when Perl's IO::Compress::Brotli is installed (Debian's exiftool 12.57 is not; Immich's
@@ -107,6 +108,39 @@ def decompress_brob_boxes(data: bytes, limit: int) -> bytes:
 
 
 _FTYP = struct.pack(">I4s4sI4s", 20, b"ftyp", b"jxl ", 0, b"jxl ")
+# `colr` method 3, "any ICC" (JPEG 2000 part 2): method 2 would promise a matrix/TRC-only
+# profile, which we do not check. Precedence and approximation 0 are what exiftool itself writes.
+_COLR_ANY_ICC = bytes((3, 0, 0))
+
+
+def icc_box(icc: bytes) -> tuple[bytes, bytes]:
+    """A JPEG 2000-style colour specification box holding `icc`, for `container`.
+
+    exiftool reads JPEG XL files with its JPEG 2000 box parser and does not decode the ICC profile
+    inside the codestream (it takes only the image size from there), so without this box it reports
+    no profile at all and a library that picks its colour handling from exiftool's
+    ProfileDescription treats a Display P3 image as sRGB. libjxl decoders skip box types JPEG XL
+    does not define, so this copy never changes how the image decodes: the codestream's profile
+    stays the one that counts.
+    """
+    return b"colr", _COLR_ANY_ICC + icc
+
+
+def insert_before_last_codestream_box(data: bytes, box: tuple[bytes, bytes]) -> bytes:
+    """`data` (a JPEG XL container) with the (type, payload) `box` added just before its last
+    `jxlc` / `jxlp` box, where `container` puts its boxes too.
+
+    Everything libjxl wrote ahead of it (the header's `jxlp`, `jbrd`, `Exif`, `xml `) keeps its
+    order, which the JPEG reconstruction depends on. exiftool finds a box anywhere, and libjxl's
+    decoders (0.7 and 0.12) skip a box they do not know wherever it is (measured).
+    """
+    last = None
+    for found in iter_boxes(data):
+        if found.type in (b"jxlc", b"jxlp"):
+            last = found
+    if last is None:
+        raise JxlBoxError("the container holds no codestream box")
+    return data[: last.start] + _plain_box(*box) + data[last.start :]
 
 
 def container(codestream: bytes, boxes: list[tuple[bytes, bytes]]) -> bytes:

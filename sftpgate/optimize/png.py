@@ -2,8 +2,9 @@
 
 A PNG is converted only when everything it holds has a place in the JPEG XL: 8-bit (or less)
 pixels, EXIF (`eXIf` → `Exif` box), XMP (`iTXt XML:com.adobe.xmp` → `xml ` box) and the ICC
-profile (written into the codestream header by jxlicc.py, since the encoder cannot). Anything
-else is passed through with the reason, because the conversion would lose it:
+profile (written into the codestream header by jxlicc.py, since the encoder cannot, and copied
+into a `colr` box, where exiftool can read it). Anything else is passed through with the
+reason, because the conversion would lose it:
 
 - 16-bit PNGs: Pillow reads 16-bit colour as 8-bit (measured on the corpus screenshot, 1% of its
   samples use the low byte), and the encoder has no 16-bit colour mode;
@@ -197,6 +198,8 @@ def convert(path: Path, effort: int, max_pixels: int) -> Converted:
         boxes.append((b"Exif", b"\x00\x00\x00\x00" + tiff))  # offset of the TIFF header: 0
     if xmp:
         boxes.append((b"xml ", xmp))
+    if icc:
+        boxes.append(jxlboxes.icc_box(icc))
     jxl = jxlboxes.container(codestream, boxes) if boxes else codestream
 
     # The check that makes deleting the original safe: libjxl decodes what we will store.
