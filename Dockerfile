@@ -1,4 +1,4 @@
-# sftpgate: one container beside Immich (SPEC §9, issue 7).
+# sftpgate: one container beside Immich.
 #
 #   docker build -t sftpgate .
 #   docker run -d -p 2222:2222 -e SFTPGATE_IMMICH_API_KEY=... -e SFTPGATE_SFTP_PASSWORD=... \
@@ -46,7 +46,7 @@ VOLUME ["/data", "/keys"]
 EXPOSE 2222 9090
 HEALTHCHECK --interval=30s --timeout=5s --start-period=30s --retries=3 \
   CMD ["python3", "-c", "import urllib.request; urllib.request.urlopen('http://127.0.0.1:9090/healthz', timeout=4)"]
-# The service parks work in flight and stops within seconds on SIGTERM (SPEC §6); give
+# The service parks work in flight and stops within seconds on SIGTERM; give
 # `docker stop` a --time of 30 s or more for large uploads in flight.
 STOPSIGNAL SIGTERM
 ENTRYPOINT ["sftpgate-entrypoint"]

@@ -1,4 +1,4 @@
-"""Configuration: one object, every setting with its default (SPEC §2).
+"""Configuration: one object, every setting with its default.
 
 The YAML file is parsed, `${VAR}` / `${VAR:-default}` are replaced from the environment inside
 string values (never in the raw text, so a password with `#` or `:` cannot break the YAML), and the

@@ -107,7 +107,7 @@ def ffprobe(path: Path) -> dict[str, object]:
 
 
 def video_metadata(path: Path) -> dict[str, object]:
-    """What must survive a video conversion (SPEC §4), as ffprobe and exiftool see it."""
+    """What must survive a video conversion, as ffprobe and exiftool see it."""
     probe = ffprobe(path)
     fmt = probe["format"]
     tags = fmt.get("tags", {})

@@ -1,4 +1,4 @@
-"""Deployment files (issue 7, items 1, 2, 4): Dockerfile, entrypoint, compose, dashboard.
+"""Deployment files: Dockerfile, entrypoint, compose, dashboard.
 
 No container engine runs here, so the Dockerfile is read as a structure and checked against the
 README, pyproject.toml and the CLI; the entrypoint really runs (as root, with the real setpriv)

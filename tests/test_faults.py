@@ -1,4 +1,4 @@
-"""Faults we can produce on one machine (SPEC §3, §6): Immich down or failing, connections cut,
+"""Faults we can produce on one machine: Immich down or failing, connections cut,
 temporary names, files arriving through a share, SIGTERM, a full disk."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""`sftpgate import DIR`: an existing folder through the same pipeline (issue 7, item 6).
+"""`sftpgate import DIR`: an existing folder through the same pipeline.
 
 The command runs as a user runs it — a child process with a config file — against the stand-in
 Immich in this test's event loop, on real photos from the media corpus.

@@ -1,4 +1,4 @@
-"""Remembered files (SPEC §3): a delivered photo stays in the client's view with the size and mtime
+"""Remembered files: a delivered photo stays in the client's view with the size and mtime
 the client gave it, so a sync app never sends it again; `remove` forgets it; it expires after
 `sftp.remember_days`."""
 

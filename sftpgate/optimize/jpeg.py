@@ -2,7 +2,7 @@
 
 The transcode is libjxl's "JPEG bitstream reconstruction": the .jxl holds the JPEG's DCT
 coefficients plus a `jbrd` box, and decodes back to the original file byte for byte. We only call
-it the way notes/codecs.md measured to be safe:
+it the way that was measured to be safe:
 
 - dimensions come from a header-only `Image.open` (the caller's probe), never from the encoder,
   because libjxl allocates for whatever the SOF claims before it notices anything is wrong;
@@ -436,7 +436,7 @@ def transcode_lossy(data: bytes, info: JpegInfo, quality: int, effort: int) -> L
     """Decode, apply the EXIF orientation, convert the ICC colours to sRGB, encode lossy JPEG XL
     with the EXIF (orientation reset) and XMP in plain boxes; verify it decodes. Raises on failure.
 
-    The plugin's pixel path always declares sRGB and drops the ICC (notes/codecs.md §2), and
+    The plugin's pixel path always declares sRGB and drops the ICC (measured), and
     an XYB-encoded image cannot be relabelled afterwards, so the colours are converted first.
     No `colr` box then: the codestream holds no profile, only the enumerated sRGB, and exiftool
     reporting no profile is what readers take for sRGB.

@@ -5,8 +5,8 @@ libjxl's lossless JPEG transcode stores the JPEG's EXIF and XMP in `brob` boxes.
 those only when Perl's IO::Compress::Brotli is installed (Debian's exiftool 12.57 is not; Immich's
 image has it only since immich-app/base-images#14), so a date, GPS position or orientation would
 silently vanish for those readers. Plain `Exif` / `xml ` boxes cost a few hundred bytes and every
-reader understands them; libjxl still reconstructs the JPEG bit-exact from them (measured, see
-notes/codecs.md). Layout of a `brob` box: [size]['brob'][inner type][Brotli data].
+reader understands them; libjxl still reconstructs the JPEG bit-exact from them (measured, and
+checked on every conversion). Layout of a `brob` box: [size]['brob'][inner type][Brotli data].
 """
 
 from __future__ import annotations
