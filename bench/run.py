@@ -1,7 +1,7 @@
 """The benchmark, one command: `python bench/run.py [--quick] [--only SECTION] [--profile]`.
 
 Sections: ingest (bench/ingest.py), codecs (bench/codecs.py, when present), pipeline
-(bench/pipeline.py), memory (bench/memory.py); `profile` (py-spy on the server during the big
+(bench/pipeline.py), memory (bench/memory.py), immich (bench/immich_copies.py); `profile` (py-spy on the server during the big
 upload) runs with --profile or --only profile. Prints one header line (machine, versions, date,
 load) and ONE markdown table per section, and writes the same to bench/results/latest.md (raw
 samples: latest.json). --quick (CI) uses small data and one repetition and finishes in about a
@@ -26,8 +26,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import BENCH, PY, ROOT, Bench, Section, loadavg, machine_header, write_json
 
-SECTIONS = ("ingest", "codecs", "pipeline", "memory", "profile")
-DEFAULT = ("ingest", "codecs", "pipeline", "memory")
+SECTIONS = ("ingest", "codecs", "pipeline", "memory", "immich", "profile")
+DEFAULT = ("ingest", "codecs", "pipeline", "memory", "immich")
 
 
 def codecs_section(bench: Bench) -> Section:
@@ -60,6 +60,10 @@ def _runner(name: str) -> Callable[[Bench], Section]:
         import memory
 
         return memory.run
+    if name == "immich":
+        import immich_copies
+
+        return immich_copies.run
     if name == "codecs":
         return codecs_section
     raise ValueError(name)

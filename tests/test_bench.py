@@ -37,7 +37,7 @@ def test_quick_benchmark_prints_one_table_per_section(tmp_path: Path) -> None:
     header = next(line for line in out.splitlines() if line.startswith("Machine:"))
     for word in ("CPUs", "RAM", "Python", "asyncssh", "OpenSSH", "rclone", "load average"):
         assert word in header, header
-    for title in ("## Ingest", "## Pipeline", "## Memory"):
+    for title in ("## Ingest", "## Pipeline", "## Memory", "## What Immich stores"):
         assert title in out, out[-3000:]
     sections = [s for s in out.split("\n## ")[1:] if not s.startswith("Conversion")]
     for section in sections:
@@ -50,4 +50,8 @@ def test_quick_benchmark_prints_one_table_per_section(tmp_path: Path) -> None:
         assert client in ingest
     # … and against the stock asyncssh server, the ceiling of one event loop.
     assert "| stock asyncssh MB/s |" in ingest
-    assert (tmp_path / "latest.md").read_text().count("\n## ") >= 3
+    # Immich's copies: the measured video, a totals row, and the choice that stores fewer bytes.
+    immich = next(s for s in sections if s.startswith("What Immich stores"))
+    assert "| **total** |" in immich
+    assert "Fewer bytes in total" in immich or "Both choices store the same bytes" in immich
+    assert (tmp_path / "latest.md").read_text().count("\n## ") >= 4
