@@ -122,8 +122,10 @@ class VideoConfig:
     # Video that is already HEVC/AV1 under this many bits per pixel per frame passes through.
     efficient_bits_per_pixel: float = 0.1
     # When Immich's settings make it re-encode the converted video (its defaults accept only
-    # H.264): convert anyway, or keep videos in a codec Immich accepts as they are.
-    when_immich_retranscodes: str = "convert"  # convert | keep
+    # H.264): keep videos in a codec Immich accepts as they are (measured on the corpus at
+    # Immich's defaults: 1 % more bytes in total, against 68 % more when converting them),
+    # or convert anyway.
+    when_immich_retranscodes: str = "keep"  # keep | convert
 
 
 @dataclass(frozen=True)
@@ -230,7 +232,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "optimize.jpeg.mode": ("lossless", "lossy", "keep"),
     "optimize.png.mode": ("lossless", "keep"),
     "optimize.video.mode": ("hevc", "av1", "keep"),
-    "optimize.video.when_immich_retranscodes": ("convert", "keep"),
+    "optimize.video.when_immich_retranscodes": ("keep", "convert"),
     "optimize.on_error": ("undone", "upload-original"),
     "notify.webhook_format": ("auto", "json", "ntfy", "gotify", "apprise"),
     "notify.smtp.security": ("starttls", "tls", "none"),

@@ -44,6 +44,7 @@ from .status import finish_interrupted_retries
 from .workers import CodecPool, CodecWorkerError
 
 IMMICH_INSPECT_SECONDS = 3600.0
+FIRST_INSPECTION_WAIT_SECONDS = 10.0
 
 
 def album_name(template: str, path: str) -> str | None:
@@ -86,6 +87,7 @@ class Pipeline:
         self._stopping = False
         self._progress = asyncio.Event()  # set whenever an original finishes or is retried
         self.immich_report: ImmichReport | None = None  # what Immich does with the uploads
+        self._inspected = asyncio.Event()  # the first look at Immich's settings is done
         self.stacker = Stacker(config, db, immich)
 
     # -- lifecycle ----------------------------------------------------------------------------
@@ -284,6 +286,11 @@ class Pipeline:
 
     async def _optimize(self, row: Original) -> Original | None:
         src = self.layout.watch_file(row.user, row.path)
+        # Whether Immich would re-encode a converted video is known within moments of the start
+        # (when Immich answers); a file does not wait longer than that for it.
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(FIRST_INSPECTION_WAIT_SECONDS):
+                await self._inspected.wait()
         # Up to one file per worker waits here for its turn; it stays `queued` until it has one.
         async with self.pool.reserve() as worker:
             # The worker starts at once; the ledger's commit (an fsync) runs beside it. Either way
@@ -508,6 +515,7 @@ class Pipeline:
             await self._immich_up.wait()
             report = await inspect_immich(self.immich, self.config)
             self.immich_report = report
+            self._inspected.set()
             retranscodes = report.retranscodes_video
             self.metrics.immich_retranscodes_video.set(
                 -1 if retranscodes is None else int(retranscodes)

@@ -115,11 +115,11 @@ async def test_a_key_without_permissions_is_named_with_what_it_lacks(
         report = await inspect_immich(immich, config)
     (key,) = report.keys
     assert key.users == ("phone",)
-    assert key.missing == ("asset.upload", "album.create", "albumAsset.create")
-    assert report.lacks_upload and report.missing_permissions == 3
+    assert key.missing == ("asset.upload", "album.create", "albumAsset.create", "stack.create")
+    assert report.lacks_upload and report.missing_permissions == 4
     assert report.retranscodes_video is None  # may not read the settings: not guessed
     sentences = report.sentences()
-    assert "lacks asset.upload, album.create, albumAsset.create" in sentences[0]
+    assert "lacks asset.upload, album.create, albumAsset.create, stack.create" in sentences[0]
     assert "systemConfig.read" in sentences[1]
 
 
@@ -143,7 +143,7 @@ async def test_missing_permissions_are_told_at_start_and_fail_readyz(
     async with started_gate(tmp_path, standin, host_keys_dir, client_key, immich=album) as gate:
         await eventually(lambda: gate.pipeline.immich_report, what="the first look at Immich")
         port = gate.metrics_port
-        assert await metric(port, "sftpgate_immich_missing_permissions") == 2
+        assert await metric(port, "sftpgate_immich_missing_permissions") == 3
         assert await metric(port, "sftpgate_immich_retranscodes_video") == -1
         async with (
             aiohttp.ClientSession() as http,
@@ -153,13 +153,16 @@ async def test_missing_permissions_are_told_at_start_and_fail_readyz(
             assert "asset.upload" in await r.text()
         findings = [f["outcome"] for f in logged(caplog, "immich settings")]
         assert len(findings) == 2, findings  # one line each, logged once
-        assert "lacks asset.upload, albumAsset.create" in findings[0]
+        assert "lacks asset.upload, albumAsset.create, stack.create" in findings[0]
         assert API_KEY not in caplog.text
         status = await collect_status(gate.config)
-        assert "lacks asset.upload, albumAsset.create" in format_status(status)
+        assert "lacks asset.upload, albumAsset.create, stack.create" in format_status(status)
     online = ("--config", str(tmp_path / "config.yaml"), "check-config", "--online")
     result = await sftpgate_async(*online)
-    assert result.returncode == 1 and "lacks asset.upload, albumAsset.create" in result.stdout
+    assert (
+        result.returncode == 1
+        and "lacks asset.upload, albumAsset.create, stack.create" in result.stdout
+    )
     standin.state.permissions[API_KEY] = frozenset({"all"})
     result = await sftpgate_async(*online)
     assert result.returncode == 0, result.stdout + result.stderr
