@@ -360,6 +360,14 @@ class Ledger:
     def undone(self) -> list[Original]:
         return self._rows(f"WHERE state = '{State.UNDONE}' ORDER BY id")
 
+    def count_converted(self, kind: str) -> int:
+        return int(
+            self._db.execute(
+                "SELECT COUNT(*) FROM originals WHERE kind = ? AND outcome = ?",
+                (kind, Outcome.UPLOADED),
+            ).fetchone()[0]
+        )
+
     def delivered_in_folder(self, user: str, folder: str) -> list[Original]:
         """Originals directly in `folder` ("DCIM/" or "" for the root) that reached Immich."""
         return self._rows(

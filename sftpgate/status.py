@@ -27,12 +27,14 @@ async def collect_status(config: Config) -> dict[str, Any]:
     # Before the service's first start there is no ledger yet: nothing to count, and a reader
     # must not create one.
     states, outcomes, (original, sent), undone, waiting = {}, {}, (0, 0), [], []
+    converted_videos = 0
     if layout.ledger.exists():
         ledger = Ledger(layout.ledger, readonly=True)
         try:
             states = ledger.count_by_state()
             outcomes = ledger.count_by_outcome()
             original, sent = ledger.bytes_saved()
+            converted_videos = ledger.count_converted("video")
             undone = [
                 {
                     "user": r.user,
@@ -66,6 +68,7 @@ async def collect_status(config: Config) -> dict[str, Any]:
         "bytes_original": original,
         "bytes_sent": sent,
         "bytes_saved": original - sent,
+        "converted_videos": converted_videos,
         "undone": undone,
         "retrying": waiting,
         "immich": {
@@ -90,6 +93,11 @@ def format_status(s: dict[str, Any]) -> str:
     reach = "reachable" if s["immich"]["reachable"] else "NOT reachable"
     lines.append(f"immich: {s['immich']['url']} {reach}")
     lines += [f"  ! {finding}" for finding in s["immich"].get("findings", [])]
+    if s["immich"].get("retranscodes_video") and s["converted_videos"]:
+        lines.append(
+            f"  ! {s['converted_videos']:,} converted videos also have Immich's own H.264 copy,"
+            " which the bytes saved above do not count (it is often larger than the original)"
+        )
     if s["outcomes"].get(Outcome.UPLOADED):
         # Immich's app skips only bytes Immich knows, and it never knows a converted original.
         lines.append(

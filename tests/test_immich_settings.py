@@ -169,20 +169,30 @@ async def test_missing_permissions_are_told_at_start_and_fail_readyz(
     assert "re-encodes every HEVC video" in result.stdout and "lacks" not in result.stdout
 
 
-async def test_videos_immich_would_re_encode_are_kept_when_configured(
-    tmp_path, standin, host_keys_dir, client_key, corpus
+@pytest.mark.parametrize("choice", ["keep", "convert"])
+async def test_videos_immich_would_re_encode_are_kept_unless_configured(
+    tmp_path, standin, host_keys_dir, client_key, corpus, choice
 ):
     video = (corpus / "video/android6-1080p-gps.mp4").read_bytes()  # H.264
-    sections = {"optimize": {"video": {"when_immich_retranscodes": "keep"}}}
+    sections = {"optimize": {"video": {"when_immich_retranscodes": choice}}}
     async with started_gate(tmp_path, standin, host_keys_dir, client_key, **sections) as gate:
         await eventually(lambda: gate.pipeline.immich_report, what="the first look at Immich")
         assert await metric(gate.metrics_port, "sftpgate_immich_retranscodes_video") == 1
         await upload(gate.sftp.port, {"VID_0001.mp4": video})
-        await gate.pipeline.wait_for(finished(1), timeout=60)
+        await gate.pipeline.wait_for(finished(1), timeout=120)
         (row,) = await gate.db(lambda db: list(db.iter_all()))
+        status = format_status(await collect_status(gate.config))
     (asset,) = standin.state.assets.values()
-    assert asset.checksum == hashlib.sha1(video).hexdigest()  # sent as it was
-    assert row.outcome == Outcome.KEPT and "when_immich_retranscodes: keep" in (row.reason or "")
+    if choice == "keep":
+        assert asset.checksum == hashlib.sha1(video).hexdigest()  # sent as it was
+        assert row.outcome == Outcome.KEPT and "when_immich_retranscodes: keep" in (
+            row.reason or ""
+        )
+        assert "Immich's own H.264 copy" not in status
+    else:
+        assert row.outcome == Outcome.UPLOADED and asset.size < len(video)
+        # The bytes saved are sftpgate's; status says what they leave out.
+        assert "1 converted videos also have Immich's own H.264 copy" in status
 
 
 # -- albums -----------------------------------------------------------------------------------
