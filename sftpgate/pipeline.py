@@ -88,6 +88,7 @@ class Pipeline:
         self._progress = asyncio.Event()  # set whenever an original finishes or is retried
         self.immich_report: ImmichReport | None = None  # what Immich does with the uploads
         self._inspected = asyncio.Event()  # the first look at Immich's settings is done
+        self._created = time.monotonic()
         self.stacker = Stacker(config, db, immich)
 
     # -- lifecycle ----------------------------------------------------------------------------
@@ -287,10 +288,12 @@ class Pipeline:
     async def _optimize(self, row: Original) -> Original | None:
         src = self.layout.watch_file(row.user, row.path)
         # Whether Immich would re-encode a converted video is known within moments of the start
-        # (when Immich answers); a file does not wait longer than that for it.
-        with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(FIRST_INSPECTION_WAIT_SECONDS):
-                await self._inspected.wait()
+        # when Immich answers; until then, and only in those first moments, a file waits for it.
+        remaining = FIRST_INSPECTION_WAIT_SECONDS - (time.monotonic() - self._created)
+        if remaining > 0:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(remaining):
+                    await self._inspected.wait()
         # Up to one file per worker waits here for its turn; it stays `queued` until it has one.
         async with self.pool.reserve() as worker:
             # The worker starts at once; the ledger's commit (an fsync) runs beside it. Either way
@@ -513,7 +516,13 @@ class Pipeline:
         told: set[str] = set()
         while True:
             await self._immich_up.wait()
-            report = await inspect_immich(self.immich, self.config)
+            try:
+                report = await inspect_immich(self.immich, self.config)
+            except Exception as exc:  # an answer this code does not expect costs the check only
+                event("immich settings", level=30, outcome="not read", error=repr(exc))
+                self._inspected.set()
+                await asyncio.sleep(IMMICH_INSPECT_SECONDS)  # polling interval
+                continue
             self.immich_report = report
             self._inspected.set()
             retranscodes = report.retranscodes_video

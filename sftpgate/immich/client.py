@@ -222,7 +222,8 @@ class ImmichClient:
     async def key_permissions(self, api_key: str) -> frozenset[str]:
         """The calling key's permissions ("all" grants every one); needs no permission."""
         body = await self._json("GET", "/api-keys/me", api_key=api_key)
-        return frozenset(str(p) for p in body.get("permissions", []))
+        permissions = body.get("permissions") if isinstance(body, dict) else None
+        return frozenset(str(p) for p in permissions or ())
 
     async def system_config(self, api_key: str) -> dict[str, Any]:
         """Immich's system configuration (permission systemConfig.read)."""

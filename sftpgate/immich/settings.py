@@ -141,8 +141,8 @@ async def inspect_immich(immich: ImmichClient, config: Config) -> ImmichReport:
     target = video_target(config)
     if settings is None:
         return ImmichReport(tuple(keys), target)
-    ffmpeg = settings.get("ffmpeg") or {}
-    fullsize = (settings.get("image") or {}).get("fullsize") or {}
+    ffmpeg = _section(settings, "ffmpeg")
+    fullsize = _section(_section(settings, "image"), "fullsize")
     return ImmichReport(
         tuple(keys),
         target,
@@ -150,6 +150,11 @@ async def inspect_immich(immich: ImmichClient, config: Config) -> ImmichReport:
         transcode_policy=str(ffmpeg.get("transcode") or "required"),
         fullsize_images=bool(fullsize.get("enabled")),
     )
+
+
+def _section(settings: dict[str, Any], name: str) -> dict[str, Any]:
+    value = settings.get(name)
+    return value if isinstance(value, dict) else {}
 
 
 def _keys_and_users(config: Config) -> Iterable[tuple[str, tuple[str, ...]]]:
