@@ -474,7 +474,7 @@ class Gate:
 
 
 class Sshd:
-    """OpenSSH's sshd with internal-sftp on 127.0.0.1, its own config (notes/sftp-bench.md §1)."""
+    """OpenSSH's sshd with internal-sftp on 127.0.0.1, with its own config (not the system's)."""
 
     def __init__(self, bench: Bench) -> None:
         import asyncssh

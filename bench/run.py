@@ -74,7 +74,7 @@ def _terminate(signum: int, frame: FrameType | None) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description="sftpgate benchmark (issue 6)")
+    parser = argparse.ArgumentParser(description="sftpgate benchmark")
     parser.add_argument("--quick", action="store_true", help="small data, 1 rep (CI, < 2 min)")
     parser.add_argument(
         "--only", action="append", choices=SECTIONS, help="run only this section (repeatable)"

@@ -1,4 +1,4 @@
-"""The long crash soak (issue 4): the CI crash test, but with 500 SIGKILLs and more photos.
+"""The long crash soak: the CI crash test, but with 500 SIGKILLs and more photos.
 
     python bench/soak.py [--kills 500] [--files 400]
 

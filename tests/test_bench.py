@@ -1,6 +1,6 @@
 """The benchmark still works: `python bench/run.py --quick` runs every section and prints its table.
 
-No timing assertions: speed lives in bench/ (issue 6); this only proves the benchmark runs — real
+No timing assertions: speed lives in bench/; this only proves the benchmark runs — real
 sftpgate and sshd processes, real clients, the stand-in Immich — and prints what it measured.
 """
 
