@@ -290,7 +290,7 @@ def video_speed(names: list[str], config: VideoConfig, reps: int, tmp: Path) -> 
             out = tmp / f"ours.{fmt}"
             encoded = video.transcode(src, info, out, config)
             ours_total += time.perf_counter() - started
-            verify_total += timed(partial(video.verify, info, out, encoded.frames, config))
+            verify_total += timed(partial(video.verify, info, out, encoded, config))
             argv = [
                 "ffmpeg", "-y", "-v", "error", "-i", str(src), "-map", "0:v:0", "-map", "0:a?",
                 "-c:v", "libx265", "-crf", str(config.crf), "-preset", config.preset,
