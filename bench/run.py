@@ -1,7 +1,7 @@
 """The benchmark, one command: `python bench/run.py [--quick] [--only SECTION] [--profile]`.
 
 Sections: ingest (bench/ingest.py), codecs (bench/codecs.py, when present), pipeline
-(bench/pipeline.py), memory (bench/memory.py), immich (bench/immich_copies.py); `profile` (py-spy on the server during the big
+(bench/pipeline.py), memory (bench/memory.py), immich (bench/immich_copies.py), gil (bench/gil.py); `profile` (py-spy on the server during the big
 upload) runs with --profile or --only profile. Prints one header line (machine, versions, date,
 load) and ONE markdown table per section, and writes the same to bench/results/latest.md (raw
 samples: latest.json). --quick (CI) uses small data and one repetition and finishes in about a
@@ -26,8 +26,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import BENCH, PY, ROOT, Bench, Section, loadavg, machine_header, write_json
 
-SECTIONS = ("ingest", "codecs", "pipeline", "memory", "immich", "profile")
-DEFAULT = ("ingest", "codecs", "pipeline", "memory", "immich")
+SECTIONS = ("ingest", "codecs", "pipeline", "memory", "immich", "gil", "profile")
+DEFAULT = ("ingest", "codecs", "pipeline", "memory", "immich", "gil")
 
 
 def codecs_section(bench: Bench) -> Section:
@@ -41,6 +41,16 @@ def codecs_section(bench: Bench) -> Section:
     return Section(
         "codecs", "Conversion: sftpgate's worker vs cjxl and ffmpeg", [], [], text=p.stdout
     )
+
+
+def gil_section(bench: Bench) -> Section:
+    """bench/gil.py as one section: its own output, verbatim (it starts no process of its own, so
+    it runs as a child to keep its switch-interval changes and threads out of this process)."""
+    argv = [PY, str(BENCH / "gil.py"), *(["--quick"] if bench.quick else [])]
+    p = subprocess.run(argv, capture_output=True, text=True, timeout=120 if bench.quick else 900)
+    if p.returncode != 0:
+        raise RuntimeError(f"bench/gil.py exited {p.returncode}: {p.stderr.strip()[-800:]}")
+    return Section("gil", "Does the SSH crypto release the GIL?", [], [], text=p.stdout)
 
 
 def _runner(name: str) -> Callable[[Bench], Section]:
@@ -66,6 +76,8 @@ def _runner(name: str) -> Callable[[Bench], Section]:
         return immich_copies.run
     if name == "codecs":
         return codecs_section
+    if name == "gil":
+        return gil_section
     raise ValueError(name)
 
 

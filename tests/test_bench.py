@@ -37,7 +37,13 @@ def test_quick_benchmark_prints_one_table_per_section(tmp_path: Path) -> None:
     header = next(line for line in out.splitlines() if line.startswith("Machine:"))
     for word in ("CPUs", "RAM", "Python", "asyncssh", "OpenSSH", "rclone", "load average"):
         assert word in header, header
-    for title in ("## Ingest", "## Pipeline", "## Memory", "## What Immich stores"):
+    for title in (
+        "## Ingest",
+        "## Pipeline",
+        "## Memory",
+        "## What Immich stores",
+        "## Does the SSH",
+    ):
         assert title in out, out[-3000:]
     sections = [s for s in out.split("\n## ")[1:] if not s.startswith("Conversion")]
     for section in sections:
