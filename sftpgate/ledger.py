@@ -184,11 +184,13 @@ class Ledger:
         changes nothing, not even the schema, so it can never take a write lock the service
         is waiting for; WAL mode lets it read while the service commits."""
         self.path = path
+        self._select = _SELECT
         if readonly:
             self._db = sqlite3.connect(
                 f"file:{path}?mode=ro", uri=True, isolation_level=None, check_same_thread=False
             )
             self._db.execute("PRAGMA busy_timeout=10000")
+            self._select = self._select_for_older_ledger()
             return
         path.parent.mkdir(parents=True, exist_ok=True)
         self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
@@ -228,8 +230,17 @@ class Ledger:
 
     # -- reading -----------------------------------------------------------------------------
 
+    def _select_for_older_ledger(self) -> str:
+        """A reader does not add columns, so on a ledger the service has not opened since an
+        upgrade, a column added since then reads as its default."""
+        present = {row[1] for row in self._db.execute("PRAGMA table_xinfo(originals)")}
+        if not present:  # not created yet: nothing to adapt
+            return _SELECT
+        columns = [c if c in present else f"0 AS {c}" for c in _COLUMNS]
+        return f"SELECT {', '.join(columns)} FROM originals"
+
     def _rows(self, where: str, args: Iterable[object] = ()) -> list[Original]:
-        return [_original(r) for r in self._db.execute(f"{_SELECT} {where}", tuple(args))]
+        return [_original(r) for r in self._db.execute(f"{self._select} {where}", tuple(args))]
 
     def get(self, row_id: int) -> Original | None:
         rows = self._rows("WHERE id = ?", (row_id,))

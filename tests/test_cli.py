@@ -100,3 +100,31 @@ async def test_a_second_sftpgate_on_the_same_data_folder_is_refused(gate, tmp_pa
     result = await sftpgate_async("--config", str(tmp_path / "config.yaml"), "serve")
     assert result.returncode == 2
     assert "in use by another sftpgate" in result.stderr
+
+
+async def test_status_reads_a_ledger_from_before_an_upgrade_without_changing_it(
+    tmp_path, standin, host_keys_dir, client_key
+):
+    """`status` after an upgrade, before the new service has started: the ledger lacks the
+    columns added since, and a reader must neither fail nor add them."""
+    import sqlite3
+
+    from sftpgate.ledger import Ledger
+
+    from .conftest import gate_config
+
+    config = gate_config(tmp_path, standin.url, host_keys_dir, client_key)
+    ledger_path = tmp_path / "data" / "sftpgate.db"
+    ledger = Ledger(ledger_path)
+    ledger.record_queued(
+        user="phone", path="IMG_0001.jpg", sha1="0" * 40, size=1, mtime=0.0, inode=1
+    )
+    ledger.close()
+    with sqlite3.connect(ledger_path) as db:  # as the release before the column was added
+        db.execute("ALTER TABLE originals DROP COLUMN live_photo_video")
+    result = await sftpgate_async("--config", str(config), "status", "--json")
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["states"] == {"queued": 1}
+    with sqlite3.connect(ledger_path) as db:
+        columns = {row[1] for row in db.execute("PRAGMA table_xinfo(originals)")}
+    assert "live_photo_video" not in columns
