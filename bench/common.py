@@ -59,6 +59,9 @@ class Bench:
     results: Path
     procs: list[subprocess.Popen[bytes]] = field(default_factory=list)
     raw: dict[str, Any] = field(default_factory=dict)
+    # Ingest: only the several-streams-at-once rows (run.py --multi-only), to re-measure them
+    # without the single-stream and busy rows.
+    multi_only: bool = False
     _client_key: Path | None = None
     _host_keys: Path | None = None
 

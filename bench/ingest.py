@@ -26,9 +26,16 @@ Modes: "idle" (random bytes are "unknown" files: they go to undone/ at once) and
 keeps ~8 distinct corpus JPEGs waiting in watch/feeder/ (a second user) so both codec workers
 convert all the time, for the sftpgate *and* the OpenSSH runs.
 
-Run alone: `python bench/ingest.py [--quick]`. `python bench/ingest.py --paramiko-client JSON` is
-the paramiko client process the benchmark starts, `--asyncssh-server JSON` the stock asyncssh
-server.
+Several streams at once (idle mode, all three servers): households sync several phones at once
+and rclone opens four connections by default; OpenSSH gives each connection processes of its own,
+sftpgate serves them all from one Python process. The photo set goes up as rclone --transfers 4,
+two `sftp` clients (with and without -f) and four paramiko clients at once, each with its share
+of the files; MB/s is all bytes over the wall time from the first client's start to the last
+one's end. `--multi-only` (here or in bench/run.py) runs only these rows.
+
+Run alone: `python bench/ingest.py [--quick] [--multi-only]`. `python bench/ingest.py
+--paramiko-client JSON` is the paramiko client process the benchmark starts, `--asyncssh-server
+JSON` the stock asyncssh server.
 """
 
 from __future__ import annotations
@@ -44,6 +51,7 @@ import sys
 import threading
 import time
 from collections import defaultdict
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -84,6 +92,15 @@ COMBOS = [
     ("paramiko", "aes128-gcm"),
     ("rclone", "aes128-gcm"),
 ]
+# Several streams at once: (row label, client as run_client knows it, client processes at once).
+# rclone is one process that opens one connection per transfer (4 is also its default).
+MULTI = [
+    ("rclone --transfers 4", "rclone --transfers 4", 1),
+    ("2 × sftp", "sftp", 2),
+    ("2 × sftp -f", "sftp -f", 2),
+    ("4 × paramiko", "paramiko", 4),
+]
+MULTI_CIPHER = "aes128-gcm"  # the one cipher every client has (rclone picks it itself)
 FEED_SOURCES = [
     "jpeg/apple-iphone6s-livephoto.jpg",
     "jpeg/apple-iphone5-orient3-gps.jpg",
@@ -109,15 +126,17 @@ class Dataset:
         return self.src.is_dir()
 
 
-def make_datasets(bench: Bench, photos_too: bool = True) -> list[Dataset]:
+def make_datasets(bench: Bench, photos_too: bool = True, big_too: bool = True) -> list[Dataset]:
     d = bench.mkdtemp("data")
     big_size = 32 * MIB if bench.quick else 1024 * MIB
     n_photos = 8 if bench.quick else 200
-    big = d / "big.bin"
-    random_file(big, big_size, seed=1)
-    big_ds = Dataset("big", f"1 × {big_size // MIB} MiB", [big], big)
+    out = []
+    if big_too:
+        big = d / "big.bin"
+        random_file(big, big_size, seed=1)
+        out.append(Dataset("big", f"1 × {big_size // MIB} MiB", [big], big))
     if not photos_too:
-        return [big_ds]
+        return out
     photos = d / "photos"
     photos.mkdir()
     files = []
@@ -125,7 +144,25 @@ def make_datasets(bench: Bench, photos_too: bool = True) -> list[Dataset]:
         p = photos / f"IMG_{i:04d}.jpg"  # random bytes under a photo's name
         random_file(p, 5 * MIB, seed=100 + i)
         files.append(p)
-    return [big_ds, Dataset("photos", f"{n_photos} × 5 MiB", files, photos)]
+    return [*out, Dataset("photos", f"{n_photos} × 5 MiB", files, photos)]
+
+
+def shares(ds: Dataset, n: int) -> list[Dataset]:
+    """`ds` dealt out to `n` clients, each share a folder of hard links (`sftp -b` puts a whole
+    folder; links keep the bytes in the page cache once); made once per (data set, n)."""
+    if n == 1:
+        return [ds]
+    parts = []
+    for i in range(n):
+        folder = ds.src.parent / f"{ds.name}-{n}way" / f"part{i}"
+        files = ds.files[i::n]
+        if not folder.exists():
+            folder.mkdir(parents=True)
+            for f in files:
+                os.link(f, folder / f.name)
+        linked = [folder / f.name for f in files]
+        parts.append(Dataset(f"{ds.name}-{n}way-{i}", ds.label, linked, folder))
+    return parts
 
 
 # -- the two servers, seen the same way -----------------------------------------------------------
@@ -299,14 +336,18 @@ def asyncssh_server(spec: dict[str, Any]) -> None:
 # -- the clients ------------------------------------------------------------------------------------
 
 
+Span = tuple[float, float]  # time.monotonic() at a client's start and end
+
+
 def run_client(
     bench: Bench, client: str, cipher: str, target: Target, ds: Dataset, dest: str
-) -> float:
-    """Upload `ds` into `dest`; return the seconds the upload took (see module doc)."""
+) -> Span:
+    """Upload `ds` into `dest`; return when the upload started and ended (see module doc).
+    `client` is "sftp", "sftp -f", "paramiko" or "rclone" followed by rclone's own options."""
     key = str(bench.client_key)
     timeout = 120 + ds.bytes / (10 * MB)
     if client in ("sftp", "sftp -f"):
-        batch = bench.tmp / "batch.txt"
+        batch = bench.tmp / f"batch-{ds.name}.txt"  # one per share: clients may run at once
         if ds.is_dir:
             batch.write_text(f"put {ds.src}/* {dest}/\n")
         else:
@@ -319,7 +360,7 @@ def run_client(
             *(["-f"] if client == "sftp -f" else []), f"{target.user}@127.0.0.1",
         ]  # fmt: skip
         return _timed(argv, timeout)
-    if client == "rclone":
+    if client.split()[0] == "rclone":
         conf = bench.tmp / "rclone.conf"
         conf.touch()
         verb, dst = ("copy", f":sftp:{dest}") if ds.is_dir else ("copyto", f":sftp:{dest}/big.bin")
@@ -330,6 +371,7 @@ def run_client(
             "--sftp-user", target.user, "--sftp-key-file", key,
             "--sftp-shell-type", "none", "--sftp-md5sum-command", "none",
             "--sftp-sha1sum-command", "none", "--sftp-disable-hashcheck",
+            *client.split()[1:],
         ]  # fmt: skip
         return _timed(argv, timeout)
     if client == "paramiko":
@@ -348,19 +390,20 @@ def run_client(
         )
         if p.returncode != 0:
             raise BenchError(f"paramiko failed: {p.stderr.strip()[-500:]}")
-        return float(json.loads(p.stdout)["seconds"])
+        out = json.loads(p.stdout)
+        return float(out["started"]), float(out["ended"])
     raise ValueError(client)
 
 
-def _timed(argv: list[str], timeout: float) -> float:
-    started = time.perf_counter()
+def _timed(argv: list[str], timeout: float) -> Span:
+    started = time.monotonic()
     p = subprocess.run(argv, capture_output=True, text=True, timeout=timeout)
-    seconds = time.perf_counter() - started
+    ended = time.monotonic()
     if p.returncode != 0:
         raise BenchError(
             f"{argv[0]} exited {p.returncode}: {(p.stderr or p.stdout).strip()[-500:]}"
         )
-    return seconds
+    return started, ended
 
 
 def paramiko_client(spec: dict[str, Any]) -> None:
@@ -368,7 +411,9 @@ def paramiko_client(spec: dict[str, Any]) -> None:
     import paramiko
 
     key = paramiko.Ed25519Key.from_private_key_file(spec["key"])
-    started = time.perf_counter()
+    # CLOCK_MONOTONIC is one clock for every process here: the parent compares the spans of
+    # clients that ran at once.
+    started = time.monotonic()
     sock = socket.create_connection(("127.0.0.1", spec["port"]))
     transport = paramiko.Transport(sock)
     transport.get_security_options().ciphers = (spec["cipher"],)
@@ -380,7 +425,8 @@ def paramiko_client(spec: dict[str, Any]) -> None:
     cipher = transport.local_cipher
     sftp.close()
     transport.close()
-    print(json.dumps({"seconds": time.perf_counter() - started, "cipher": cipher}))
+    ended = time.monotonic()
+    print(json.dumps({"started": started, "ended": ended, "cipher": cipher}))
 
 
 # -- the busy mode's feeder --------------------------------------------------------------------------
@@ -468,12 +514,21 @@ def measure(
     cipher: str,
     ds: Dataset,
     dest: str,
+    streams: int = 1,
 ) -> Sample:
+    """One run: `streams` clients at once, each uploading its share of `ds` into `dest`; MB/s
+    is all bytes over the time from the first client's start to the last one's end."""
     target.prepare(dest)
+    parts = shares(ds, streams)
     cpu0, wcpu0 = target.cpu(), gate.workers_cpu()
     started = time.perf_counter()
-    seconds = run_client(bench, client, cipher, target, ds, dest)
+    with ThreadPoolExecutor(len(parts)) as pool:
+        futures = [
+            pool.submit(run_client, bench, client, cipher, target, part, dest) for part in parts
+        ]
+        spans = [f.result() for f in futures]
     wall = time.perf_counter() - started
+    seconds = max(end for _, end in spans) - min(start for start, _ in spans)
     cpu = target.cpu() - cpu0
     workers = (gate.workers_cpu() - wcpu0) / wall
     seen = target.sshd.last_cipher() if isinstance(target, SshdTarget) else ""
@@ -482,7 +537,9 @@ def measure(
 
 
 def run(bench: Bench) -> Section:
-    datasets = make_datasets(bench)
+    multi_only = bench.multi_only
+    datasets = make_datasets(bench, big_too=not multi_only)
+    photos = datasets[-1]
     standin = Standin(bench)
     gate = Gate(
         bench,
@@ -497,37 +554,51 @@ def run(bench: Bench) -> Section:
     res = Results()
     gap = 0.0 if bench.quick else 3.0  # idle before each run (notes §1: page-cache effects)
     runs = 0
+
+    def each_server(
+        rep: int, mode: str, ds: Dataset, label: str, client: str, cipher: str, streams: int = 1
+    ) -> None:
+        """One upload into every server in turn (the order alternates per rep); `label` is the
+        row's client column, `client` what run_client runs, `streams` how many at once."""
+        nonlocal runs
+        order = targets if rep % 2 == 0 else targets[::-1]
+        for target in order:
+            if mode == "busy" and target is stock:
+                continue
+            runs += 1
+            gate_target.clean(wait=mode == "idle")
+            time.sleep(gap)
+            key = (mode, ds.name, label, cipher, target.name)
+            try:
+                s = measure(bench, target, gate, client, cipher, ds, f"r{runs:04d}", streams)
+            except (BenchError, subprocess.TimeoutExpired) as exc:
+                res.errors.append(f"{'/'.join(key)}: {exc}")
+                bench.log(f"ingest {'/'.join(key)} FAILED: {exc}")
+                s = Sample(float("nan"), float("nan"), float("nan"))
+            res.samples[key].append(s)
+            bench.log(
+                f"ingest rep {rep + 1} {mode:4} {ds.name:6} {label:20} "
+                f"{cipher:10} {target.name:8} {s.mbps:7.1f} MB/s "
+                f"{s.cpu_per_gb:5.2f} CPU-s/GB workers {s.workers_cores:.2f}"
+            )
+
     try:
         for rep in range(bench.reps):
             for mode in ("idle", "busy"):
+                if multi_only and mode == "busy":
+                    continue
                 if mode == "busy":
                     fed_before = feeder.fed
                     feeder.start()
                     time.sleep(1.0 if bench.quick else 3.0)  # the first JPEGs reach the workers
-                for ds in datasets:
+                for ds in [] if multi_only else datasets:
                     for client, cipher in COMBOS:
                         if bench.quick and mode == "busy" and (client, cipher) != COMBOS[0]:
                             continue  # --quick: the busy mode is proven with one client
-                        order = targets if rep % 2 == 0 else targets[::-1]
-                        for target in order:
-                            if mode == "busy" and target is stock:
-                                continue
-                            runs += 1
-                            gate_target.clean(wait=mode == "idle")
-                            time.sleep(gap)
-                            key = (mode, ds.name, client, cipher, target.name)
-                            try:
-                                s = measure(bench, target, gate, client, cipher, ds, f"r{runs:04d}")
-                            except (BenchError, subprocess.TimeoutExpired) as exc:
-                                res.errors.append(f"{'/'.join(key)}: {exc}")
-                                bench.log(f"ingest {'/'.join(key)} FAILED: {exc}")
-                                s = Sample(float("nan"), float("nan"), float("nan"))
-                            res.samples[key].append(s)
-                            bench.log(
-                                f"ingest rep {rep + 1} {mode:4} {ds.name:6} {client:8} "
-                                f"{cipher:10} {target.name:8} {s.mbps:7.1f} MB/s "
-                                f"{s.cpu_per_gb:5.2f} CPU-s/GB workers {s.workers_cores:.2f}"
-                            )
+                        each_server(rep, mode, ds, client, client, cipher)
+                if mode == "idle":
+                    for label, client, streams in MULTI:
+                        each_server(rep, mode, photos, label, client, MULTI_CIPHER, streams)
                 if mode == "busy":
                     feeder.stop_and_drain()
                     bench.raw.setdefault("ingest_feeder_jpegs", []).append(feeder.fed - fed_before)
@@ -538,8 +609,8 @@ def run(bench: Bench) -> Section:
         sshd.stop()
         gate.stop()
         standin.stop()
-        for ds in datasets:
-            shutil.rmtree(ds.src if ds.is_dir else ds.src.parent, ignore_errors=True)
+        for ds in datasets:  # the data sets and their shares (shares()) share one folder
+            shutil.rmtree(ds.src.parent, ignore_errors=True)
     bench.raw["ingest"] = {"/".join(k): [vars(s) for s in v] for k, v in res.samples.items()}
     return _section(bench, datasets, res)
 
@@ -547,49 +618,54 @@ def run(bench: Bench) -> Section:
 def _section(bench: Bench, datasets: list[Dataset], res: Results) -> Section:
     rows = []
     busy_workers: list[float] = []
-    for ds in datasets:
-        for client, cipher in COMBOS:
-            got = {
-                (mode, server, attr): res.values((mode, ds.name, client, cipher, server), attr)
-                for mode in ("idle", "busy")
-                for server in ("sftpgate", "OpenSSH", "asyncssh")
-                for attr in ("mbps", "cpu_per_gb", "workers_cores")
-            }
-            busy_workers += got["busy", "sftpgate", "workers_cores"]
-            busy_workers += got["busy", "OpenSSH", "workers_cores"]
-            g_idle, o_idle = got["idle", "sftpgate", "mbps"], got["idle", "OpenSSH", "mbps"]
-            g_cpu, o_cpu = (
-                got["idle", "sftpgate", "cpu_per_gb"],
-                got["idle", "OpenSSH", "cpu_per_gb"],
-            )
-            g_busy, o_busy = got["busy", "sftpgate", "mbps"], got["busy", "OpenSSH", "mbps"]
-            a_idle, a_cpu = got["idle", "asyncssh", "mbps"], got["idle", "asyncssh", "cpu_per_gb"]
-            cipher_label = cipher
-            if client == "rclone":
-                seen = res.samples.get(("idle", ds.name, client, cipher, "OpenSSH"), [])
-                picked = {s.cipher_seen.split("@")[0] for s in seen} - {"", "?"}
-                cipher_label = f"{'/'.join(sorted(picked)) or cipher} (rclone's choice)"
-            rows.append(
-                [
-                    ds.label,
-                    client,
-                    cipher_label,
-                    cell(g_idle),
-                    cell(o_idle),
-                    ratio(median(g_idle), median(o_idle)),
-                    cell(g_cpu, 2, spread_too=False),
-                    cell(o_cpu, 2, spread_too=False),
-                    ratio(median(g_cpu), median(o_cpu)),
-                    cell(g_busy),
-                    cell(o_busy),
-                    ratio(median(g_busy), median(o_busy)),
-                    ratio(median(g_busy), median(g_idle)),
-                    cell(a_idle),
-                    cell(a_cpu, 2, spread_too=False),
-                    ratio(median(g_idle), median(a_idle)),
-                    ratio(median(a_idle), median(o_idle)),
-                ]
-            )
+    photos = datasets[-1]
+    # Single-stream rows (every data set × client/cipher), then the several-streams-at-once rows.
+    lines = [(ds, client, cipher) for ds in datasets for client, cipher in COMBOS]
+    lines += [(photos, label, MULTI_CIPHER) for label, _, _ in MULTI]
+    for ds, client, cipher in lines:
+        if not res.samples.get(("idle", ds.name, client, cipher, "OpenSSH")):
+            continue  # not run (--multi-only)
+        got = {
+            (mode, server, attr): res.values((mode, ds.name, client, cipher, server), attr)
+            for mode in ("idle", "busy")
+            for server in ("sftpgate", "OpenSSH", "asyncssh")
+            for attr in ("mbps", "cpu_per_gb", "workers_cores")
+        }
+        busy_workers += got["busy", "sftpgate", "workers_cores"]
+        busy_workers += got["busy", "OpenSSH", "workers_cores"]
+        g_idle, o_idle = got["idle", "sftpgate", "mbps"], got["idle", "OpenSSH", "mbps"]
+        g_cpu, o_cpu = (
+            got["idle", "sftpgate", "cpu_per_gb"],
+            got["idle", "OpenSSH", "cpu_per_gb"],
+        )
+        g_busy, o_busy = got["busy", "sftpgate", "mbps"], got["busy", "OpenSSH", "mbps"]
+        a_idle, a_cpu = got["idle", "asyncssh", "mbps"], got["idle", "asyncssh", "cpu_per_gb"]
+        cipher_label = cipher
+        if client.startswith("rclone"):
+            seen = res.samples.get(("idle", ds.name, client, cipher, "OpenSSH"), [])
+            picked = {s.cipher_seen.split("@")[0] for s in seen} - {"", "?"}
+            cipher_label = f"{'/'.join(sorted(picked)) or cipher} (rclone's choice)"
+        rows.append(
+            [
+                ds.label,
+                client,
+                cipher_label,
+                cell(g_idle),
+                cell(o_idle),
+                ratio(median(g_idle), median(o_idle)),
+                cell(g_cpu, 2, spread_too=False),
+                cell(o_cpu, 2, spread_too=False),
+                ratio(median(g_cpu), median(o_cpu)),
+                cell(g_busy),
+                cell(o_busy),
+                ratio(median(g_busy), median(o_busy)),
+                ratio(median(g_busy), median(g_idle)),
+                cell(a_idle),
+                cell(a_cpu, 2, spread_too=False),
+                ratio(median(g_idle), median(a_idle)),
+                ratio(median(a_idle), median(o_idle)),
+            ]
+        )
     header = [
         "data",
         "client",
@@ -617,12 +693,20 @@ def _section(bench: Bench, datasets: list[Dataset], res: Results) -> Section:
         "(sshd: its per-connection processes; sftpgate: its own threads, not its codec workers).",
         f"Busy: codec workers converted {sum(fed)} JPEGs during the busy runs, using "
         f"{median(busy_workers):.2f} cores (median over runs) in the background (SCHED_IDLE); "
-        "the OpenSSH busy runs share the machine with the same workers.",
+        "the OpenSSH busy runs share the machine with the same workers."
+        if fed
+        else "Busy: not run (--multi-only).",
         "Stock asyncssh (idle only): asyncssh's own SFTPServer with sftpgate's SSH settings and "
         "protocol layer on uvloop, writing straight into a folder (no hashing, no fsync, no "
         "ledger); it honours `sftp -f`'s fsync@openssh.com. The ceiling of one Python event "
         "loop running asyncssh here: sftpgate / stock asyncssh is sftpgate's own cost, stock "
         "asyncssh / OpenSSH is asyncssh's.",
+        "Several streams at once (idle only; the last four rows): "
+        f"{photos.label} shared out between the clients (2 × sftp: half each; 4 × paramiko: a "
+        "quarter each; rclone: one process, one connection per transfer), all at once; MB/s is "
+        "all bytes over the wall time from the first client's start to the last one's end, "
+        "CPU s/GB the server's CPU over all bytes (sshd: one set of processes per connection; "
+        "sftpgate and stock asyncssh: every connection in one process).",
         "Not run: paramiko × chacha20 (paramiko has no chacha20-poly1305); rclone × chacha20 "
         "(rclone 1.60 has no cipher option).",
         f"Load average after the section: {loadavg()}.",
@@ -771,6 +855,7 @@ def main(argv: list[str] | None = None) -> int:
 
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--multi-only", action="store_true", help="only several streams at once")
     parser.add_argument("--paramiko-client", metavar="JSON", help=argparse.SUPPRESS)
     parser.add_argument("--asyncssh-server", metavar="JSON", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -782,7 +867,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     from run import main as run_main
 
-    return run_main([*(["--quick"] if args.quick else []), "--only", "ingest"])
+    flags = [*(["--quick"] if args.quick else []), *(["--multi-only"] if args.multi_only else [])]
+    return run_main([*flags, "--only", "ingest"])
 
 
 if __name__ == "__main__":

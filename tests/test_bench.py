@@ -54,6 +54,14 @@ def test_quick_benchmark_prints_one_table_per_section(tmp_path: Path) -> None:
     ingest = next(s for s in sections if s.startswith("Ingest"))
     for client in ("| sftp |", "| paramiko |", "| rclone |"):
         assert client in ingest
+    # … several clients at once against each of them …
+    for client in (
+        "| rclone --transfers 4 |",
+        "| 2 × sftp |",
+        "| 2 × sftp -f |",
+        "| 4 × paramiko |",
+    ):
+        assert client in ingest
     # … and against the stock asyncssh server, the ceiling of one event loop.
     assert "| stock asyncssh MB/s |" in ingest
     # Immich's copies: the measured video, a totals row, and the choice that stores fewer bytes.
