@@ -39,14 +39,15 @@ class KeyReport:
 
     def sentences(self) -> list[str]:
         who = ", ".join(self.users)
+        out = []
         if self.problem:
-            return [f"the Immich API key of {who} could not be checked: {self.problem}"]
+            out.append(f"the Immich API key of {who} could not be checked: {self.problem}")
         if self.missing:
-            return [
+            out.append(
                 f"the Immich API key of {who} lacks {', '.join(self.missing)}: add "
                 "it in Immich (Account Settings > API Keys > edit)"
-            ]
-        return []
+            )
+        return out
 
 
 @dataclass(frozen=True)
