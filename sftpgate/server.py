@@ -277,11 +277,15 @@ def _not_a_removal(change: watchfiles.Change, path: str) -> bool:
 
 
 def _remove_stale_parts(layout: Layout) -> None:
-    """Parts of uploads a client abandoned more than a day ago (the client still has the data)."""
+    """Parts of uploads a client abandoned more than a day ago (the client still has the data).
+
+    Age is the ctime: a finished upload is given the client's mtime, often years old, just
+    before it moves into watch/, and only the ctime says when the part was last written.
+    """
     if not layout.staging.is_dir():
         return
     cutoff = time.time() - STALE_PART_SECONDS
     for part in layout.staging.iterdir():
         with contextlib.suppress(FileNotFoundError):
-            if part.stat().st_mtime < cutoff:
+            if part.stat().st_ctime < cutoff:
                 part.unlink()

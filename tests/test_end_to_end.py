@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -220,6 +221,18 @@ async def test_upload_in_progress_is_invisible_and_a_dropped_connection_leaves_n
     )
     assert list((gate.layout.watch / "phone").iterdir()) == []
     assert await gate.db(lambda db: db.count_by_state()) == {}
+
+
+def test_a_finished_upload_given_an_old_mtime_is_not_taken_for_a_stale_part(gate):
+    """CLOSE gives the staged file the client's mtime just before it moves into watch/; the
+    clean-up of day-old parts, running at that moment, must not delete it."""
+    from sftpgate.server import _remove_stale_parts
+
+    staged = gate.layout.staging / "upload.part"
+    staged.write_bytes(b"the bytes of a photo")
+    os.utime(staged, (1_500_000_000, 1_500_000_000))  # 2017, as FolderSync sends it
+    _remove_stale_parts(gate.layout)
+    assert staged.read_bytes() == b"the bytes of a photo"
 
 
 async def test_files_that_landed_while_stopped_are_delivered_after_restart(
