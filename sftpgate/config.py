@@ -95,7 +95,7 @@ class ImmichConfig:
     # later: keep the original in undone/ (the default), or delete it as delivered.
     trashed_duplicates: str = "undone"  # undone | delete
     # A RAW and the JPEG or HEIC of the same shot (same folder and name) become one Immich
-    # stack, the JPEG on top (permission stack.create).
+    # stack, the JPEG on top (permission stack.create); so do the frames of a burst.
     stacks: bool = True
 
 

@@ -102,13 +102,18 @@ CREATE TABLE IF NOT EXISTS originals (
     forgotten       INTEGER NOT NULL DEFAULT 0, -- removed by the client over SFTP
     -- the video half of a Live Photo: Immich links it to its photo and hides it, so it is
     -- never added to an album (it would show twice in the apps)
-    live_photo_video INTEGER NOT NULL DEFAULT 0
+    live_photo_video INTEGER NOT NULL DEFAULT 0,
+    -- the camera's burst id (Apple BurstUUID, Google BurstID) and whether the camera picked
+    -- this frame: the burst becomes one Immich stack
+    burst_id        TEXT,
+    burst_primary   INTEGER NOT NULL DEFAULT 0
 );
 CREATE INDEX IF NOT EXISTS originals_user_path ON originals(user, path);
 CREATE INDEX IF NOT EXISTS originals_state ON originals(state, next_attempt_at);
 CREATE INDEX IF NOT EXISTS originals_user_sha1 ON originals(user, sha1);
--- Immich stacks made of delivered originals (a RAW and its JPEG): the group is a folder and the
--- name its members share; asset_ids (JSON, primary first) is what the stack holds.
+-- Immich stacks made of delivered originals: for a RAW and its JPEG the group is a folder and
+-- the name its members share; for a burst the folder is "" and the name "burst <id>".
+-- asset_ids (JSON, primary first) is what the stack holds.
 CREATE TABLE IF NOT EXISTS stacks (
     user            TEXT    NOT NULL,
     folder          TEXT    NOT NULL,
@@ -148,9 +153,18 @@ class Original:
     undone_path: str | None
     forgotten: int
     live_photo_video: int
+    burst_id: str | None
+    burst_primary: int
 
 
 _COLUMNS = [f.name for f in fields(Original)]
+# Columns added since the first release: their declaration, and the value they read as in a
+# ledger made before them.
+_ADDED_COLUMNS = {
+    "live_photo_video": ("INTEGER NOT NULL DEFAULT 0", "0"),
+    "burst_id": ("TEXT", "NULL"),
+    "burst_primary": ("INTEGER NOT NULL DEFAULT 0", "0"),
+}
 
 
 def _original(values: tuple[object, ...]) -> Original:
@@ -206,10 +220,13 @@ class Ledger:
     def _add_missing_columns(self) -> None:
         """Columns added since the first release, to ledgers made before them."""
         columns = {row[1] for row in self._db.execute("PRAGMA table_xinfo(originals)")}
-        if "live_photo_video" not in columns:
-            self._db.execute(
-                "ALTER TABLE originals ADD COLUMN live_photo_video INTEGER NOT NULL DEFAULT 0"
-            )
+        for name, (declaration, _) in _ADDED_COLUMNS.items():
+            if name not in columns:
+                self._db.execute(f"ALTER TABLE originals ADD COLUMN {name} {declaration}")
+        self._db.execute(
+            "CREATE INDEX IF NOT EXISTS originals_burst ON originals(user, burst_id)"
+            " WHERE burst_id IS NOT NULL"
+        )
 
     def _add_folder_column(self) -> None:
         """`folder`: the path up to its last "/" ("DCIM/2024/" for "DCIM/2024/a.jpg", "" at the
@@ -236,7 +253,7 @@ class Ledger:
         present = {row[1] for row in self._db.execute("PRAGMA table_xinfo(originals)")}
         if not present:  # not created yet: nothing to adapt
             return _SELECT
-        columns = [c if c in present else f"0 AS {c}" for c in _COLUMNS]
+        columns = [c if c in present else f"{_ADDED_COLUMNS[c][1]} AS {c}" for c in _COLUMNS]
         return f"SELECT {', '.join(columns)} FROM originals"
 
     def _rows(self, where: str, args: Iterable[object] = ()) -> list[Original]:
@@ -385,6 +402,22 @@ class Ledger:
             f"WHERE user = ? AND folder = ? AND state = '{State.DONE}' AND asset_id IS NOT NULL"
             " ORDER BY path",
             (user, folder),
+        )
+
+    def delivered_in_burst(self, user: str, burst_id: str) -> list[Original]:
+        """The frames of one burst that reached Immich."""
+        return self._rows(
+            f"WHERE user = ? AND burst_id = ? AND state = '{State.DONE}' AND asset_id IS NOT NULL"
+            " ORDER BY path",
+            (user, burst_id),
+        )
+
+    def delivered_bursts(self) -> list[Original]:
+        """One delivered frame of every burst (at start, the stacks not made yet are made)."""
+        return self._rows(
+            f"WHERE burst_id IS NOT NULL AND state = '{State.DONE}' AND asset_id IS NOT NULL"
+            " GROUP BY user, burst_id ORDER BY id",
+            (),
         )
 
     def delivered_of_kind(self, kind: str) -> list[Original]:
@@ -580,6 +613,7 @@ class Ledger:
     def fix_bytes(
         self, row_id: int, *, kind: str, reason: str, work_path: str | None, upload_name: str,
         upload_sha1: str, bytes_out: int, captured_at: str | None, live_photo_video: bool = False,
+        burst_id: str | None = None, burst_primary: bool = False,
     ) -> None:  # fmt: skip
         """optimizing → uploading: from now on the bytes sent for this row never change."""
         self._step(
@@ -587,6 +621,7 @@ class Ledger:
             state=State.UPLOADING, kind=kind, reason=reason, work_path=work_path,
             upload_name=upload_name, upload_sha1=upload_sha1, bytes_out=bytes_out,
             captured_at=captured_at, live_photo_video=int(live_photo_video),
+            burst_id=burst_id, burst_primary=int(burst_primary),
         )  # fmt: skip
 
     def resume_upload(self, row_id: int) -> None:

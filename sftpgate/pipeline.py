@@ -351,6 +351,8 @@ class Pipeline:
                 bytes_out=result.bytes_out if work_path else row.size,
                 captured_at=captured,
                 live_photo_video=result.live_photo_video,
+                burst_id=result.burst.id if result.burst else None,
+                burst_primary=bool(result.burst and result.burst.primary),
             )
         )
         file_event(

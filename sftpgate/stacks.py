@@ -1,12 +1,16 @@
-"""A RAW and the JPEG or HEIC of the same shot become one Immich stack, the JPEG on top.
+"""A RAW and the JPEG or HEIC of the same shot become one Immich stack, the JPEG on top; so do
+the frames of a burst, the camera's pick (or else the first frame) on top.
 
 Immich stacks nothing on upload (it reads burst ids but leaves stacking to the uploader), so a
-phone that shoots RAW+JPEG would show every photo twice. Members are delivered originals in the
-same folder whose names agree once the extension (and a Pixel's `.RAW-01.COVER` /
-`.RAW-02.ORIGINAL` suffix) is removed; their kind, not their extension, says which is the RAW.
-The stack is asked for once every member present has an asset id, and recorded in the ledger,
-so a restart never asks again; a crash between Immich's answer and that record asks again with
-the same assets, which Immich merges into the stack it made (its primary is among them).
+phone that shoots RAW+JPEG would show every photo twice, and a burst every frame. RAW+JPEG
+members are delivered originals in the same folder whose names agree once the extension (and a
+Pixel's `.RAW-01.COVER` / `.RAW-02.ORIGINAL` suffix) is removed; their kind, not their
+extension, says which is the RAW. Burst members share the burst id the camera wrote (see
+optimize/bursts.py), in any folder of the user.
+The stack is asked for once two members have asset ids, and recorded in the ledger, so a
+restart never asks again; a crash between Immich's answer and that record asks again with the
+same assets, and a frame delivered later asks with all of them: Immich merges both into the
+stack it made (its primary is among them).
 """
 
 from __future__ import annotations
@@ -38,9 +42,39 @@ class Stacker:
         self.immich = immich
 
     async def after_delivery(self, row: Original) -> None:
-        """Stack `row` with the rest of its shot, if they are all in Immich now."""
-        if not self.config.immich.stacks or row.kind not in (RAW_KIND, *PRIMARY_KINDS):
+        """Stack `row` with the rest of its shot or burst, if they are in Immich now."""
+        if not self.config.immich.stacks:
             return
+        if row.burst_id:
+            group, members = await self._burst(row, row.burst_id)
+        elif row.kind in (RAW_KIND, *PRIMARY_KINDS):
+            group, members = await self._raw_pair(row)
+        else:
+            return
+        if len(members) < 2:
+            return
+        asset_ids = list(dict.fromkeys(str(r.asset_id) for r in members))
+        recorded = await self.db(lambda db: db.stack_assets(row.user, *group))
+        if recorded == asset_ids or len(asset_ids) < 2:
+            return
+        await self._stack(row.user, group, members[0], asset_ids)
+
+    async def _burst(self, row: Original, burst_id: str) -> tuple[tuple[str, str], list[Original]]:
+        """Every delivered frame of the burst, the camera's pick (else the first frame) on top.
+        A frame delivered later joins the stack: Immich merges it into the one it made."""
+        members = [
+            r
+            for r in await self.db(lambda db: db.delivered_in_burst(row.user, burst_id))
+            if r.outcome != Outcome.DUPLICATE
+        ]
+        members.sort(
+            key=lambda r: (not r.burst_primary, r.captured_at or "", PurePosixPath(r.path).name)
+        )
+        return ("", f"burst {burst_id}"), members
+
+    async def _raw_pair(self, row: Original) -> tuple[tuple[str, str], list[Original]]:
+        """The RAW and the JPEG or HEIC of one shot, the JPEG on top; none unless both are
+        there. A frame of a burst goes to its burst's stack instead (one stack per asset)."""
         folder, name = stack_group(row.path)
         delivered = await self.db(lambda db: db.delivered_in_folder(row.user, folder))
         members = [
@@ -49,36 +83,37 @@ class Stacker:
             if stack_group(r.path)[1] == name
             and r.kind in (RAW_KIND, *PRIMARY_KINDS)
             and r.outcome != Outcome.DUPLICATE
+            and not r.burst_id
         ]
         if not any(r.kind == RAW_KIND for r in members) or not any(
             r.kind in PRIMARY_KINDS for r in members
         ):
-            return
+            return (folder, name), []
         # The JPEG (or HEIC) first: Immich makes the first asset the stack's primary.
         members.sort(key=lambda r: (r.kind not in PRIMARY_KINDS, r.path))
-        asset_ids = list(dict.fromkeys(str(r.asset_id) for r in members))
-        recorded = await self.db(lambda db: db.stack_assets(row.user, folder, name))
-        if recorded == asset_ids:
-            return
-        primary = members[0]
+        return (folder, name), members
+
+    async def _stack(
+        self, user: str, group: tuple[str, str], primary: Original, asset_ids: list[str]
+    ) -> None:
         try:
-            stack_id = await self.immich.create_stack(self.config.api_key_for(row.user), asset_ids)
+            stack_id = await self.immich.create_stack(self.config.api_key_for(user), asset_ids)
         except (TransientImmichError, PermanentImmichError) as exc:
             # The photos are in Immich; the next start tries the stack again.
             file_event(
                 "stack failed",
                 level=30,
-                user=row.user,
+                user=user,
                 path=primary.path,
                 stage="upload",
                 outcome="not stacked",
                 error=str(exc),
             )
             return
-        await self.db(lambda db: db.record_stack(row.user, folder, name, stack_id, asset_ids))
+        await self.db(lambda db: db.record_stack(user, *group, stack_id, asset_ids))
         file_event(
             "stacked",
-            user=row.user,
+            user=user,
             path=primary.path,
             stage="upload",
             outcome="stacked",
@@ -91,4 +126,6 @@ class Stacker:
         if not self.config.immich.stacks:
             return
         for row in await self.db(lambda db: db.delivered_of_kind(RAW_KIND)):
+            await self.after_delivery(row)
+        for row in await self.db(lambda db: db.delivered_bursts()):
             await self.after_delivery(row)

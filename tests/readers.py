@@ -130,3 +130,16 @@ def video_metadata(path: Path) -> dict[str, object]:
         "exiftool": gps,
         "duration": float(fmt["duration"]),
     }
+
+
+def exiftool_write(src: Path, dst: Path, assignments: list[str]) -> Path:
+    """A copy of `src` with tags written by exiftool (`["-XMP-GCamera:BurstID=x", ...]`)."""
+    _need("exiftool", "libimage-exiftool-perl")
+    if src != dst:
+        shutil.copyfile(src, dst)
+    subprocess.run(
+        ["exiftool", "-q", "-overwrite_original", *assignments, str(dst)],
+        capture_output=True,
+        check=True,
+    )
+    return dst

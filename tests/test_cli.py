@@ -120,11 +120,14 @@ async def test_status_reads_a_ledger_from_before_an_upgrade_without_changing_it(
         user="phone", path="IMG_0001.jpg", sha1="0" * 40, size=1, mtime=0.0, inode=1
     )
     ledger.close()
-    with sqlite3.connect(ledger_path) as db:  # as the release before the column was added
-        db.execute("ALTER TABLE originals DROP COLUMN live_photo_video")
+    added = ("live_photo_video", "burst_id", "burst_primary")
+    with sqlite3.connect(ledger_path) as db:  # as the release before the columns were added
+        db.execute("DROP INDEX originals_burst")
+        for column in added:
+            db.execute(f"ALTER TABLE originals DROP COLUMN {column}")
     result = await sftpgate_async("--config", str(config), "status", "--json")
     assert result.returncode == 0, result.stderr
     assert json.loads(result.stdout)["states"] == {"queued": 1}
     with sqlite3.connect(ledger_path) as db:
         columns = {row[1] for row in db.execute("PRAGMA table_xinfo(originals)")}
-    assert "live_photo_video" not in columns
+    assert not columns & set(added)

@@ -16,7 +16,7 @@ from datetime import datetime
 from pathlib import Path
 
 from sftpgate.config import OptimizeConfig
-from sftpgate.optimize import dates, jpeg, kinds, png, video
+from sftpgate.optimize import bursts, dates, jpeg, kinds, png, video
 
 __all__ = ["OptimizeResult", "optimize_file"]
 
@@ -41,6 +41,7 @@ class OptimizeResult:
     seconds: float
     # The video half of a Live Photo: Immich links it to its photo and hides it.
     live_photo_video: bool = False
+    burst: bursts.Burst | None = None  # the camera's burst this photo belongs to
 
 
 _ALREADY_EFFICIENT = {
@@ -102,9 +103,10 @@ class _Outcome:
         bytes_out: int | None = None,
         live_photo_video: bool = False,
     ) -> OptimizeResult:
-        captured = None
+        captured = burst = None
         if decision in (CONVERTED, KEPT):
             captured = dates.capture_time(self.src, self.kind, self.timezone)
+            burst = bursts.burst_of(self.src, self.kind)
         return OptimizeResult(
             kind=self.kind,
             decision=decision,
@@ -117,6 +119,7 @@ class _Outcome:
             metadata_kept=metadata,
             seconds=round(time.monotonic() - self.started, 3),
             live_photo_video=live_photo_video,
+            burst=burst,
         )
 
 

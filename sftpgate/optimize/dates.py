@@ -30,14 +30,14 @@ from PIL import Image
 
 from sftpgate.optimize import jxlboxes, kinds
 
-_EXIF_IFD = 0x8769
+EXIF_IFD = 0x8769
 _DATETIME_ORIGINAL, _OFFSET_ORIGINAL, _SUBSEC_ORIGINAL = 36867, 36881, 37521
 _DATETIME_DIGITIZED, _OFFSET_DIGITIZED, _SUBSEC_DIGITIZED = 36868, 36882, 37522
 _DATETIME_RE = re.compile(r"(\d{4}):(\d{2}):(\d{2})[ T](\d{2}):(\d{2}):(\d{2})")
 _OFFSET_RE = re.compile(r"([+-])(\d{2}):?(\d{2})")
 # Canon CR3: moov/uuid(85c0b687-...) holds CMT1 (IFD0) and CMT2 (the Exif IFD) as TIFF blobs.
 _CR3_UUID = bytes.fromhex("85c0b687820f11e08111f4ce462b6a48")
-_PIL_FORMATS = {
+PIL_FORMATS = {
     "jpeg": "JPEG",
     "png": "PNG",
     "webp": "WEBP",
@@ -108,7 +108,7 @@ def _from_exif(exif: Image.Exif, tz: str) -> datetime | None:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # Pillow warns "Corrupt EXIF data" and carries on
         try:
-            sub = exif.get_ifd(_EXIF_IFD)
+            sub = exif.get_ifd(EXIF_IFD)
         except Exception:
             sub = {}
     # Some writers put the Exif tags straight into IFD0 (CR3's CMT2 blob is that way by design).
@@ -144,11 +144,13 @@ def _no_pixel_limit() -> Iterator[None]:
         Image.MAX_IMAGE_PIXELS = previous
 
 
-def _pillow_exif(path: Path, kind: str) -> Image.Exif:
+def pillow_metadata(path: Path, kind: str) -> tuple[Image.Exif, bytes | None]:
+    """The EXIF and the XMP packet of a picture Pillow reads (`kind` one of PIL_FORMATS)."""
     with _no_pixel_limit(), warnings.catch_warnings():
         warnings.simplefilter("ignore")  # "Corrupt EXIF data" and the like: we return None instead
-        with Image.open(path, formats=[_PIL_FORMATS[kind]]) as im:
-            return im.getexif()
+        with Image.open(path, formats=[PIL_FORMATS[kind]]) as im:
+            xmp = im.info.get("xmp")
+            return im.getexif(), xmp.encode() if isinstance(xmp, str) else xmp
 
 
 def _cr3_exif(path: Path) -> bytes | None:
@@ -211,8 +213,8 @@ def capture_time(path: Path, kind: str, timezone: str) -> datetime | None:
     try:
         if kind == "video":
             return _video_time(path)
-        if kind in _PIL_FORMATS:
-            return _from_exif(_pillow_exif(path, kind), timezone)
+        if kind in PIL_FORMATS:
+            return _from_exif(pillow_metadata(path, kind)[0], timezone)
         if kind == "raw":
             with path.open("rb") as f:
                 head = f.read(8)
