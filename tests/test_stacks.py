@@ -20,19 +20,21 @@ from .test_immich_settings import upload
 APPLE_BURST = "E905E6C6-C747-4805-942F-9904A0281F02"
 
 
-def apple_burst_frame(corpus: Path, dst: Path, frame: int) -> Path:
+def apple_burst_frame(
+    corpus: Path, dst: Path, frame: int, src: str = "jpeg/apple-iphone6s-livephoto.jpg"
+) -> Path:
     """A real iPhone JPEG made a burst frame: exiftool cannot add a maker-note tag, so the
     entry of its MediaGroupUUID (tag 0x0011, a 36-character UUID) is renumbered 0x000B,
-    BurstUUID; exiftool then reads the burst id back. `frame` changes a byte of the comment
-    so that frames are different files."""
-    data = bytearray((corpus / "jpeg/apple-iphone6s-livephoto.jpg").read_bytes())
+    BurstUUID; exiftool then reads the burst id back. `frame` goes into the XMP description so
+    that frames are different files."""
+    data = bytearray((corpus / src).read_bytes())
     start = data.index(b"Apple iOS\x00")
     (count,) = struct.unpack_from(">H", data, start + 14)
     entries = [start + 16 + 12 * i for i in range(count)]
     entry = next(e for e in entries if struct.unpack_from(">H", data, e)[0] == 0x0011)
     struct.pack_into(">H", data, entry, 0x000B)
     dst.write_bytes(bytes(data))
-    return exiftool_write(dst, dst, [f"-Comment=frame {frame}"])
+    return exiftool_write(dst, dst, [f"-XMP-dc:Description=frame {frame}"])
 
 
 def google_burst_frame(corpus: Path, dst: Path, frame: int, primary: bool = False) -> Path:
@@ -46,6 +48,10 @@ def test_the_burst_a_camera_wrote_is_read_from_the_file(corpus, tmp_path):
     apple = apple_burst_frame(corpus, tmp_path / "apple.jpg", 1)
     assert exiftool(apple, ["BurstUUID"])["BurstUUID"] == APPLE_BURST  # an independent reader
     assert burst_of(apple, "jpeg") == Burst(APPLE_BURST, primary=False)
+    heic = apple_burst_frame(corpus, tmp_path / "apple.heic", 1, "heic/apple-iphone8-tiny.heic")
+    heic_burst = "76C3E45A-2CCC-498B-9C1A-29C3ADD99D39"
+    assert exiftool(heic, ["BurstUUID"])["BurstUUID"] == heic_burst
+    assert burst_of(heic, "heic") == Burst(heic_burst, primary=False)
     google = google_burst_frame(corpus, tmp_path / "google.jpg", 1, primary=True)
     assert burst_of(google, "jpeg") == Burst("pixel-burst-20240601", primary=True)
     assert burst_of(google_burst_frame(corpus, tmp_path / "g2.jpg", 2), "jpeg") == Burst(
