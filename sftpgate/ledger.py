@@ -106,7 +106,10 @@ CREATE TABLE IF NOT EXISTS originals (
     -- the camera's burst id (Apple BurstUUID, Google BurstID) and whether the camera picked
     -- this frame: the burst becomes one Immich stack
     burst_id        TEXT,
-    burst_primary   INTEGER NOT NULL DEFAULT 0
+    burst_primary   INTEGER NOT NULL DEFAULT 0,
+    -- of a converted video: the bytes of the copy Immich's own conversion job stored beside it
+    -- (0: none), measured after delivery; NULL until then
+    immich_copy_bytes INTEGER
 );
 CREATE INDEX IF NOT EXISTS originals_user_path ON originals(user, path);
 CREATE INDEX IF NOT EXISTS originals_state ON originals(state, next_attempt_at);
@@ -155,6 +158,7 @@ class Original:
     live_photo_video: int
     burst_id: str | None
     burst_primary: int
+    immich_copy_bytes: int | None
 
 
 _COLUMNS = [f.name for f in fields(Original)]
@@ -164,6 +168,7 @@ _ADDED_COLUMNS = {
     "live_photo_video": ("INTEGER NOT NULL DEFAULT 0", "0"),
     "burst_id": ("TEXT", "NULL"),
     "burst_primary": ("INTEGER NOT NULL DEFAULT 0", "0"),
+    "immich_copy_bytes": ("INTEGER", "NULL"),
 }
 
 
@@ -388,13 +393,31 @@ class Ledger:
     def undone(self) -> list[Original]:
         return self._rows(f"WHERE state = '{State.UNDONE}' ORDER BY id")
 
-    def count_converted(self, kind: str) -> int:
-        return int(
-            self._db.execute(
-                "SELECT COUNT(*) FROM originals WHERE kind = ? AND outcome = ?",
-                (kind, Outcome.UPLOADED),
-            ).fetchone()[0]
+    def immich_copies(self) -> tuple[int, int, int]:
+        """Of the converted videos in Immich: (how many have Immich's own copy, its bytes in
+        all, how many are not measured yet)."""
+        row = self._db.execute(
+            "SELECT COALESCE(SUM(immich_copy_bytes > 0), 0), COALESCE(SUM(immich_copy_bytes), 0),"
+            " COALESCE(SUM(immich_copy_bytes IS NULL), 0) FROM originals"
+            " WHERE kind = 'video' AND outcome = ?",
+            (Outcome.UPLOADED,),
+        ).fetchone()
+        return int(row[0]), int(row[1]), int(row[2])
+
+    def videos_to_measure(self, delivered_before: float) -> list[Original]:
+        """Converted videos delivered before then whose Immich copy is not measured yet."""
+        return self._rows(
+            "WHERE kind = 'video' AND outcome = ? AND immich_copy_bytes IS NULL"
+            " AND asset_id IS NOT NULL AND updated_at < ? ORDER BY id",
+            (Outcome.UPLOADED, delivered_before),
         )
+
+    def record_immich_copy(self, row_id: int, copy_bytes: int) -> None:
+        """What Immich stores beside a delivered video; a measurement, never a state."""
+        with self._transaction():
+            self._db.execute(
+                "UPDATE originals SET immich_copy_bytes = ? WHERE id = ?", (copy_bytes, row_id)
+            )
 
     def delivered_in_folder(self, user: str, folder: str) -> list[Original]:
         """Originals directly in `folder` ("DCIM/" or "" for the root) that reached Immich."""

@@ -44,6 +44,8 @@ from .status import finish_interrupted_retries
 from .workers import CodecPool, CodecWorkerError
 
 IMMICH_INSPECT_SECONDS = 3600.0
+# Immich's conversion job runs within minutes of an upload; an hour later its copy is there.
+IMMICH_COPY_SETTLE_SECONDS = 3600.0
 FIRST_INSPECTION_WAIT_SECONDS = 10.0
 
 
@@ -88,6 +90,7 @@ class Pipeline:
         self._progress = asyncio.Event()  # set whenever an original finishes or is retried
         self.immich_report: ImmichReport | None = None  # what Immich does with the uploads
         self._inspected = asyncio.Event()  # the first look at Immich's settings is done
+        self._copies_unmeasured: str | None = None  # why Immich's video copies were not measured
         self._created = time.monotonic()
         self.stacker = Stacker(config, db, immich)
 
@@ -537,7 +540,40 @@ class Pipeline:
                 if finding not in told:
                     event("immich settings", level=30, outcome=finding)
             told = set(findings)
+            await self.measure_immich_copies()
             await asyncio.sleep(IMMICH_INSPECT_SECONDS)  # polling interval
+
+    async def measure_immich_copies(
+        self, settled_seconds: float = IMMICH_COPY_SETTLE_SECONDS
+    ) -> int:
+        """Record the size of the copy Immich's own conversion job stored of each converted
+        video delivered at least `settled_seconds` ago (0 when it made none), for the bytes
+        saved after Immich's copies; return how many were measured. Immich plays its copy if
+        it made one, else the original, so the size it plays tells which (permission
+        asset.view; without it nothing is measured, said once)."""
+        rows = await self.db(lambda db: db.videos_to_measure(time.time() - settled_seconds))
+        for measured, row in enumerate(rows):
+            try:
+                played = await self.immich.video_playback_bytes(
+                    self.config.api_key_for(row.user), str(row.asset_id)
+                )
+            except (TransientImmichError, PermanentImmichError) as exc:
+                if str(exc) != self._copies_unmeasured:
+                    file_event(
+                        "immich copy not measured",
+                        level=30,
+                        user=row.user,
+                        path=row.path,
+                        stage="upload",
+                        outcome="measured at the next inspection",
+                        error=str(exc),
+                    )
+                self._copies_unmeasured = str(exc)
+                return measured  # the others would be refused the same way
+            copy = 0 if played == row.bytes_out else played
+            await self.db(lambda db, r=row, c=copy: db.record_immich_copy(r.id, c))
+        self._copies_unmeasured = None
+        return len(rows)
 
     async def _retry_later(
         self, row: Original, stage: str, reason: str, retry_after: float | None = None

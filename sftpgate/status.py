@@ -27,14 +27,14 @@ async def collect_status(config: Config) -> dict[str, Any]:
     # Before the service's first start there is no ledger yet: nothing to count, and a reader
     # must not create one.
     states, outcomes, (original, sent), undone, waiting = {}, {}, (0, 0), [], []
-    converted_videos = 0
+    copies, copy_bytes, unmeasured = 0, 0, 0
     if layout.ledger.exists():
         ledger = Ledger(layout.ledger, readonly=True)
         try:
             states = ledger.count_by_state()
             outcomes = ledger.count_by_outcome()
             original, sent = ledger.bytes_saved()
-            converted_videos = ledger.count_converted("video")
+            copies, copy_bytes, unmeasured = ledger.immich_copies()
             undone = [
                 {
                     "user": r.user,
@@ -68,7 +68,11 @@ async def collect_status(config: Config) -> dict[str, Any]:
         "bytes_original": original,
         "bytes_sent": sent,
         "bytes_saved": original - sent,
-        "converted_videos": converted_videos,
+        # Immich's own copies of converted videos: its conversion job's files beside them.
+        "immich_video_copies": copies,
+        "bytes_immich_copies": copy_bytes,
+        "bytes_saved_after_immich_copies": original - sent - copy_bytes,
+        "converted_videos_not_measured": unmeasured,
         "undone": undone,
         "retrying": waiting,
         "immich": {
@@ -93,10 +97,18 @@ def format_status(s: dict[str, Any]) -> str:
     reach = "reachable" if s["immich"]["reachable"] else "NOT reachable"
     lines.append(f"immich: {s['immich']['url']} {reach}")
     lines += [f"  ! {finding}" for finding in s["immich"].get("findings", [])]
-    if s["immich"].get("retranscodes_video") and s["converted_videos"]:
+    if s["immich_video_copies"]:
+        net = s["bytes_saved_after_immich_copies"]
+        net_pct = 100 * net / s["bytes_original"] if s["bytes_original"] else 0.0
         lines.append(
-            f"  ! {s['converted_videos']:,} converted videos also have Immich's own H.264 copy,"
-            " which the bytes saved above do not count (it is often larger than the original)"
+            f"  after Immich's own copies: {net:,} saved ({net_pct:.1f}%); Immich keeps an H.264"
+            f" copy of {s['immich_video_copies']:,} converted videos ({s['bytes_immich_copies']:,}"
+            " bytes)"
+        )
+    if s["converted_videos_not_measured"]:
+        lines.append(
+            f"  {s['converted_videos_not_measured']:,} converted videos: Immich's own copy not"
+            " measured yet (an hour after delivery; the key needs asset.view)"
         )
     if s["outcomes"].get(Outcome.UPLOADED):
         # Immich's app skips only bytes Immich knows, and it never knows a converted original.

@@ -120,7 +120,7 @@ async def test_status_reads_a_ledger_from_before_an_upgrade_without_changing_it(
         user="phone", path="IMG_0001.jpg", sha1="0" * 40, size=1, mtime=0.0, inode=1
     )
     ledger.close()
-    added = ("live_photo_video", "burst_id", "burst_primary")
+    added = ("live_photo_video", "burst_id", "burst_primary", "immich_copy_bytes")
     with sqlite3.connect(ledger_path) as db:  # as the release before the columns were added
         db.execute("DROP INDEX originals_burst")
         for column in added:

@@ -175,7 +175,7 @@ async def test_missing_permissions_are_told_at_start_and_fail_readyz(
 
 @pytest.mark.parametrize("choice", ["keep", "convert"])
 async def test_videos_immich_would_re_encode_are_kept_unless_configured(
-    tmp_path, standin, host_keys_dir, client_key, corpus, choice
+    tmp_path, standin, host_keys_dir, client_key, corpus, choice, caplog
 ):
     video = (corpus / "video/android6-1080p-gps.mp4").read_bytes()  # H.264
     sections = {"optimize": {"video": {"when_immich_retranscodes": choice}}}
@@ -184,19 +184,40 @@ async def test_videos_immich_would_re_encode_are_kept_unless_configured(
         assert await metric(gate.metrics_port, "sftpgate_immich_retranscodes_video") == 1
         await upload(gate.sftp.port, {"VID_0001.mp4": video})
         await gate.pipeline.wait_for(finished(1), timeout=120)
+        await standin.state.conversions_finished()  # Immich's own job, after its answer
+        (asset,) = standin.state.assets.values()
+        if choice == "keep":
+            (row,) = await gate.db(lambda db: list(db.iter_all()))
+            assert asset.checksum == hashlib.sha1(video).hexdigest()  # sent as it was
+            assert row.outcome == Outcome.KEPT and "when_immich_retranscodes: keep" in (
+                row.reason or ""
+            )
+            assert asset.encoded_path is None  # Immich plays H.264 as it is: no copy
+            assert await gate.pipeline.measure_immich_copies(settled_seconds=0) == 0
+            assert "Immich's own" not in format_status(await collect_status(gate.config))
+            return
+        assert asset.encoded_path is not None
+        copy = asset.encoded_path.stat().st_size
+        # Not measured yet: status says so, and counts only sftpgate's own saving.
+        status = await collect_status(gate.config)
+        assert status["converted_videos_not_measured"] == 1
+        assert "Immich's own copy not measured yet" in format_status(status)
+        # A key that may not view assets measures nothing, and says so once.
+        standin.state.permissions[API_KEY] = frozenset({"asset.upload", "stack.create"})
+        assert await gate.pipeline.measure_immich_copies(settled_seconds=0) == 0
+        assert await gate.pipeline.measure_immich_copies(settled_seconds=0) == 0
+        refused = [r for r in caplog.records if r.getMessage() == "immich copy not measured"]
+        assert len(refused) == 1 and "asset.view" in refused[0].fields["error"]
+        standin.state.permissions[API_KEY] = frozenset({"all"})
+        assert await gate.pipeline.measure_immich_copies(settled_seconds=0) == 1
+        assert await gate.pipeline.measure_immich_copies(settled_seconds=0) == 0  # done once
         (row,) = await gate.db(lambda db: list(db.iter_all()))
-        status = format_status(await collect_status(gate.config))
-    (asset,) = standin.state.assets.values()
-    if choice == "keep":
-        assert asset.checksum == hashlib.sha1(video).hexdigest()  # sent as it was
-        assert row.outcome == Outcome.KEPT and "when_immich_retranscodes: keep" in (
-            row.reason or ""
-        )
-        assert "Immich's own H.264 copy" not in status
-    else:
-        assert row.outcome == Outcome.UPLOADED and asset.size < len(video)
-        # The bytes saved are sftpgate's; status says what they leave out.
-        assert "1 converted videos also have Immich's own H.264 copy" in status
+        status = await collect_status(gate.config)
+    assert row.outcome == Outcome.UPLOADED and asset.size < len(video)
+    assert row.immich_copy_bytes == copy
+    assert status["bytes_saved_after_immich_copies"] == len(video) - asset.size - copy
+    assert status["converted_videos_not_measured"] == 0
+    assert "Immich keeps an H.264 copy of 1 converted videos" in format_status(status)
 
 
 # -- albums -----------------------------------------------------------------------------------

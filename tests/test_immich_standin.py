@@ -584,3 +584,45 @@ async def test_standin_runs_as_a_process(tmp_path: Path, http: aiohttp.ClientSes
     finally:
         proc.terminate()
         await proc.wait()
+
+
+async def test_a_video_is_played_from_immichs_copy_once_its_job_made_one(
+    server: StandinServer, http: aiohttp.ClientSession, spec: dict[str, Any], corpus: Path
+) -> None:
+    """An HEVC video gets Immich's H.264 copy at the default settings, and playback serves it
+    in byte ranges (what the spec says of the endpoint); an H.264 video is played as it is."""
+    operation = spec["paths"]["/assets/{id}/video/playback"]["get"]
+    assert operation["x-immich-permission"] == "asset.view"
+    assert "byte range" in operation["description"]
+    played = {}
+    for name in ("samsung-s22-hevc-rot90-gps.mp4", "android6-1080p-gps.mp4"):
+        data = (corpus / "video" / name).read_bytes()
+        status, body, _ = await upload(http, server, form(data=data, part_filename=name))
+        assert status == 201
+        await server.state.conversions_finished()
+        url = f"{server.url}/api/assets/{body['id']}/video/playback"
+        async with http.get(url, headers={"x-api-key": KEY, "Range": "bytes=0-0"}) as r:
+            assert r.status == 206 and len(await r.read()) == 1
+            played[name] = (len(data), int(r.headers["Content-Range"].rpartition("/")[2]))
+    asset = next(a for a in server.state.assets.values() if a.filename.startswith("samsung"))
+    assert asset.encoded_path is not None
+    assert played["samsung-s22-hevc-rot90-gps.mp4"][1] == asset.encoded_path.stat().st_size
+    original, size = played["android6-1080p-gps.mp4"]
+    assert size == original  # H.264 is accepted: no copy, the original is played
+
+    _, photo, _ = await upload(http, server, form())
+    for asset_id, key, status in (
+        (photo["id"], KEY, 404),  # not a video
+        ("not-a-uuid", KEY, 400),
+        (asset.id, None, 401),
+    ):
+        headers = {"x-api-key": key} if key else {}
+        async with http.get(
+            f"{server.url}/api/assets/{asset_id}/video/playback", headers=headers
+        ) as r:
+            assert r.status == status, (asset_id, await r.text())
+    server.state.permissions[KEY] = frozenset({"asset.upload"})
+    async with http.get(
+        f"{server.url}/api/assets/{asset.id}/video/playback", headers={"x-api-key": KEY}
+    ) as r:
+        assert r.status == 403 and "asset.view" in await r.text()

@@ -230,6 +230,29 @@ class ImmichClient:
         body = await self._json("GET", "/system-config", api_key=api_key)
         return body if isinstance(body, dict) else {}
 
+    async def video_playback_bytes(self, api_key: str, asset_id: str) -> int:
+        """The size of the file Immich plays for a video (permission asset.view): its own
+        encoded copy once its conversion job made one, else the stored original. Asks for one
+        byte; the size is in the Content-Range of Immich's partial answer."""
+        what = f"GET /api/assets/{asset_id}/video/playback"
+        status, headers, text = await self._send(
+            "GET",
+            f"/assets/{asset_id}/video/playback",
+            api_key=api_key,
+            headers={"Range": "bytes=0-0", "Accept": "*/*"},
+            timeout=aiohttp.ClientTimeout(
+                total=min(JSON_TIMEOUT, self.timeout_seconds), sock_connect=CONNECT_TIMEOUT
+            ),
+        )
+        if not 200 <= status < 300:
+            raise self._status_error(status, headers, text, what, api_key)
+        lower = {name.lower(): value for name, value in headers.items()}
+        total = lower.get("content-range", "").rpartition("/")[2]
+        size = total if status == 206 else lower.get("content-length", "")
+        if not size.isdigit():
+            raise TransientImmichError(f"Immich answered {what} without a size.", status=status)
+        return int(size)
+
     # --- albums ---
 
     async def find_or_create_album(self, api_key: str, name: str) -> str:

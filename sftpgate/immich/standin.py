@@ -121,6 +121,8 @@ class StandinAsset:
     fields: dict[str, str] = field(default_factory=dict)  # every text field as received
     trashed: bool = False  # in the owner's trash: still a checksum duplicate
     sidecar: bytes | None = None  # the `sidecarData` part's bytes, None when there was none
+    # The H.264 copy Immich's video-conversion job writes beside the original, if it made one.
+    encoded_path: Path | None = None
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -195,6 +197,12 @@ class StandinState:
     created: int = 0
     duplicates: int = 0
     _closing: asyncio.Event = field(default_factory=asyncio.Event, repr=False)
+    _conversions: set[asyncio.Task[None]] = field(default_factory=set, repr=False)
+
+    async def conversions_finished(self) -> None:
+        """Wait for the video-conversion jobs started so far (Immich runs them after answering)."""
+        while self._conversions:
+            await asyncio.gather(*self._conversions)
 
     def add_user(
         self,
@@ -673,6 +681,8 @@ async def _receive_asset(
             sidecar=sidecar,
         )
         state.created += 1
+        if path is not None and path.suffix.lower() in VIDEO_EXTENSIONS:
+            _start_video_conversion(state, state.assets[asset_id])
         if state.drop_after_commit_next > 0:
             state.drop_after_commit_next -= 1
             _drop_connection(request)  # stored, but the answer is lost
@@ -680,6 +690,92 @@ async def _receive_asset(
     finally:
         if temp is not None:
             temp.unlink(missing_ok=True)
+
+
+def _start_video_conversion(state: StandinState, asset: StandinAsset) -> None:
+    """Immich queues a video-conversion job for every new video; it runs after the answer."""
+
+    async def convert() -> None:
+        assert asset.path is not None
+        target = asset.path.with_name(f"{asset.id}.encoded.mp4")
+        loop = asyncio.get_running_loop()
+        ffmpeg = state.system_config["ffmpeg"]
+        if await loop.run_in_executor(None, encode_like_immich, asset.path, target, ffmpeg):
+            asset.encoded_path = target
+
+    task = asyncio.create_task(convert())
+    state._conversions.add(task)
+    task.add_done_callback(state._conversions.discard)
+
+
+def encode_like_immich(src: Path, target: Path, ffmpeg: dict[str, Any]) -> bool:
+    """What Immich's video-conversion job does at these `ffmpeg` settings, for the size of what
+    it stores: with policy "required" a video whose codec is not accepted is encoded again (to
+    H.264 at `crf`/`preset`, its short side scaled to `targetResolution`, audio to AAC) into a
+    copy beside the original; "all" encodes every video, "disabled" none. True if it wrote one.
+    Other policies and the audio and container rules are not modelled."""
+    import av  # PyAV, only for this job
+
+    with av.open(str(src)) as container:
+        video = container.streams.video[0]
+        policy = ffmpeg.get("transcode", "required")
+        accepted = video.codec_context.name in ffmpeg.get("acceptedVideoCodecs", [])
+        if policy == "disabled" or (policy == "required" and accepted):
+            return False
+        short_side = int(ffmpeg.get("targetResolution", "720"))
+        scale = min(1.0, short_side / min(video.width, video.height))
+        width, height = (round(video.width * scale / 2) * 2, round(video.height * scale / 2) * 2)
+        audio = container.streams.audio[0] if container.streams.audio else None
+        with av.open(str(target), "w", format="mp4") as out:
+            vout = out.add_stream(
+                "libx264",
+                rate=video.average_rate or 30,
+                options={
+                    "crf": str(ffmpeg.get("crf", 23)),
+                    "preset": ffmpeg.get("preset", "ultrafast"),
+                },
+            )
+            vout.width, vout.height, vout.pix_fmt = width, height, "yuv420p"
+            vout.time_base = video.time_base
+            aout = out.add_stream("aac", rate=audio.rate) if audio is not None else None
+            resampler = (
+                av.AudioResampler(format="fltp", layout="stereo", rate=audio.rate)
+                if audio
+                else None
+            )
+            streams = [video, audio] if audio is not None else [video]
+            for packet in container.demux(*streams):
+                for frame in packet.decode():
+                    if isinstance(frame, av.VideoFrame):
+                        scaled = frame.reformat(width=width, height=height, format="yuv420p")
+                        scaled.pts, scaled.time_base = frame.pts, frame.time_base
+                        out.mux(vout.encode(scaled))
+                    elif aout is not None and resampler is not None:
+                        for resampled in resampler.resample(frame):
+                            resampled.pts = None
+                            out.mux(aout.encode(resampled))
+            out.mux(vout.encode())
+            if aout is not None:
+                out.mux(aout.encode())
+    return True
+
+
+async def play_video(request: web.Request) -> web.StreamResponse:
+    """GET /api/assets/{id}/video/playback: Immich's encoded copy if it made one, else the
+    original; byte ranges are answered with 206 and Content-Range."""
+    state = request.app[STATE]
+    user_id, denied = _authenticate(request, "asset.view")
+    if denied:
+        return denied
+    if not UUID.fullmatch(request.match_info["id"]):
+        issue = {"code": "invalid_format", "format": "uuid", "path": ["id"]}
+        return _error(state, 400, "Validation failed", errors=[issue])
+    asset = state.assets.get(request.match_info["id"])
+    if asset is None or asset.owner_id != user_id:
+        return _error(state, 400, "Not found or no asset.read access")
+    if asset.path is None or asset.path.suffix.lower() not in VIDEO_EXTENSIONS:
+        return _error(state, 404, "Asset not found or asset is not a video")
+    return web.FileResponse(asset.encoded_path or asset.path)
 
 
 def _parse_date(text: str) -> datetime | None:
@@ -902,6 +998,7 @@ def make_app(state: StandinState) -> web.Application:
     app.router.add_post("/api/albums", create_album)
     app.router.add_put("/api/albums/{id}/assets", add_album_assets)
     app.router.add_post("/api/stacks", create_stack)
+    app.router.add_get("/api/assets/{id}/video/playback", play_video)
     app.router.add_get("/_standin/state", control_state)
     app.router.add_post("/_standin/faults", control_faults)
     app.router.add_post("/_standin/version", control_version)
@@ -922,6 +1019,7 @@ class StandinServer:
     async def close(self) -> None:
         self.state._closing.set()  # ends pending delays
         await self._runner.cleanup()
+        await self.state.conversions_finished()
 
     async def __aenter__(self) -> StandinServer:
         return self
