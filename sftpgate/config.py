@@ -122,7 +122,8 @@ class VideoConfig:
     # Video that is already HEVC/AV1 under this many bits per pixel per frame passes through.
     efficient_bits_per_pixel: float = 0.1
     # When Immich's settings make it re-encode the converted video (its defaults accept only
-    # H.264): keep videos in a codec Immich accepts as they are (measured on the corpus at
+    # H.264): keep the videos whose video stream Immich plays as it is (accepted codec, 4:2:0
+    # chroma) as they are, and convert the rest (measured on the corpus at
     # Immich's defaults: 1 % more bytes in total, against 68 % more when converting them),
     # or convert anyway.
     when_immich_retranscodes: str = "keep"  # keep | convert

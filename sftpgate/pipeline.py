@@ -39,6 +39,7 @@ from .metrics import Metrics
 from .notify import Notifier
 from .optimize import OptimizeResult, optimize_file
 from .optimize.dates import upload_date
+from .optimize.video import PlayedAsIs
 from .stacks import Stacker
 from .status import finish_interrupted_retries
 from .workers import CodecPool, CodecWorkerError
@@ -310,7 +311,7 @@ class Pipeline:
                     self.layout.work,
                     self.config.optimize,
                     self.config.timezone,
-                    self._keep_video_codecs(),
+                    self._played_as_is(),
                     timeout=self.config.optimize.time_limit_seconds,
                 )
             except CodecWorkerError as exc:
@@ -503,8 +504,8 @@ class Pipeline:
         await self._immich_up.wait()
         await self.stacker.catch_up()
 
-    def _keep_video_codecs(self) -> tuple[str, ...]:
-        """The codecs Immich accepts, when it would re-encode a converted video and the
+    def _played_as_is(self) -> PlayedAsIs | None:
+        """What Immich plays as it is, when it would re-encode a converted video and the
         configuration says to keep such videos instead."""
         report = self.immich_report
         if (
@@ -512,8 +513,8 @@ class Pipeline:
             or not report.retranscodes_video
             or self.config.optimize.video.when_immich_retranscodes != "keep"
         ):
-            return ()
-        return report.accepted_video_codecs or ()
+            return None
+        return PlayedAsIs(report.accepted_video_codecs or ())
 
     async def _inspect_immich(self) -> None:
         """What Immich will do with the uploads, at start and hourly: each finding is logged

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import os
+import shutil
 import struct
 import subprocess
 import time
@@ -377,3 +378,41 @@ def test_no_encoder_thread_runs_at_real_time_priority(corpus: Path, tmp_path: Pa
         config = dataclasses.replace(FAST, mode=mode)
         video.transcode(src, info, tmp_path / f"{mode}.mov", config, WatchingBudget(3600.0, 0))
     assert seen and not seen & {os.SCHED_FIFO, os.SCHED_RR}, seen
+
+
+def test_keep_holds_only_what_immich_plays_as_it_is(corpus: Path, tmp_path: Path) -> None:
+    """With `when_immich_retranscodes: keep`, an H.264 video whose video stream Immich would
+    still encode again (4:2:2 chroma) is converted: keeping it would save nothing there. Other
+    audio only makes Immich re-encode the audio, copying the video stream: kept."""
+    if shutil.which("ffmpeg") is None:
+        pytest.skip("ffmpeg is not installed (apt-get install ffmpeg)")
+    immich = video.PlayedAsIs(video_codecs=("h264",))
+    source = corpus / ANDROID  # H.264 4:2:0 + AAC in MP4
+    variants = {
+        "pcm.mov": ["-c:v", "copy", "-c:a", "pcm_s16le"],
+        "422.mp4": [
+            "-c:v",
+            "libx264",
+            "-pix_fmt",
+            "yuv422p",
+            "-preset",
+            "ultrafast",
+            "-c:a",
+            "copy",
+        ],
+    }
+    for name, args in variants.items():
+        subprocess.run(
+            ["ffmpeg", "-v", "error", "-i", str(source), *args, str(tmp_path / name)], check=True
+        )
+
+    def reason(path: Path, played_as_is: video.PlayedAsIs | None = immich) -> str | None:
+        with path.open("rb") as f:
+            info = video.inspect(path, f.read(64 * 1024), CONFIG.max_pixels)
+        return video.keep_reason(info, CONFIG.video, played_as_is)
+
+    assert "when_immich_retranscodes: keep" in (reason(source) or "")
+    assert "when_immich_retranscodes: keep" in (reason(corpus / ROTATED) or "")  # iPhone MOV
+    assert "when_immich_retranscodes: keep" in (reason(tmp_path / "pcm.mov") or "")
+    assert reason(tmp_path / "422.mp4") is None
+    assert reason(source, None) is None  # Immich plays a converted video as it is: convert

@@ -60,17 +60,17 @@ def optimize_file(
     work_dir: Path,
     config: OptimizeConfig,
     timezone: str,
-    keep_video_codecs: tuple[str, ...] = (),
+    played_as_is: video.PlayedAsIs | None = None,
 ) -> OptimizeResult:
     """Decide and, where worthwhile, convert `src`; write the result atomically into `work_dir`.
 
     `timezone` is an IANA zone for EXIF dates without an offset ("" = the local zone).
-    `keep_video_codecs`: video in these codecs is kept as it is (where it goes, it is played as
-    it is, and a converted copy would be re-encoded there).
+    `played_as_is`: a video the destination plays as it is is kept as it is (a converted copy
+    would be re-encoded there); None converts every video worth it.
     """
     out = _Outcome(Path(src), timezone)
     try:
-        return _optimize(out, Path(work_dir), config, keep_video_codecs)
+        return _optimize(out, Path(work_dir), config, played_as_is)
     except Exception as exc:  # never raise in a worker: the reason goes to undone/'s sidecar
         message = str(exc) or type(exc).__name__
         if disk_error(exc):
@@ -124,7 +124,7 @@ class _Outcome:
 
 
 def _optimize(
-    out: _Outcome, work_dir: Path, config: OptimizeConfig, keep_video_codecs: tuple[str, ...]
+    out: _Outcome, work_dir: Path, config: OptimizeConfig, played_as_is: video.PlayedAsIs | None
 ) -> OptimizeResult:
     src = out.src
     out.size = src.stat().st_size
@@ -145,7 +145,7 @@ def _optimize(
     if kind == "png":
         return _optimize_png(out, probe, work_dir, config)
     if kind == "video":
-        return _optimize_video(out, head, work_dir, config, keep_video_codecs)
+        return _optimize_video(out, head, work_dir, config, played_as_is)
     if kind == "heic" and probe.note == "motion photo":
         reason = "kept as it is: HEIC motion photo (the image and its embedded video stay together)"
         return out.make(KEPT, reason, probe.metadata)
@@ -265,7 +265,7 @@ def _optimize_video(
     head: bytes,
     work_dir: Path,
     config: OptimizeConfig,
-    keep_video_codecs: tuple[str, ...],
+    played_as_is: video.PlayedAsIs | None,
 ) -> OptimizeResult:
     src = out.src
     before = src.stat()
@@ -273,7 +273,7 @@ def _optimize_video(
     if info.problem:
         return out.make(UNREADABLE, info.problem)
     metadata = video.metadata_present(info)
-    reason = video.keep_reason(info, config.video, keep_video_codecs)
+    reason = video.keep_reason(info, config.video, played_as_is)
     if reason:
         return out.make(KEPT, reason, metadata, live_photo_video=video.is_live_photo_video(info))
     name = output_name(src, _file_sha1(src), "." + video.output_format(info, config.video))

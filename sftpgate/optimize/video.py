@@ -235,8 +235,23 @@ def is_live_photo_video(info: VideoInfo) -> bool:
     return _LIVE_PHOTO_KEY in info.metadata
 
 
+@dataclass(frozen=True)
+class PlayedAsIs:
+    """The video codecs the place a video goes to (Immich) plays without encoding the video
+    stream again. Immich also encodes it again when its chroma is not 4:2:0; another audio codec
+    or container only costs a copy whose video stream is copied, whatever sftpgate sends."""
+
+    video_codecs: tuple[str, ...]
+
+    def plays(self, info: VideoInfo) -> bool:
+        return info.codec in self.video_codecs and info.pix_fmt in _CHROMA_420
+
+
+_CHROMA_420 = ("yuv420p", "yuvj420p")
+
+
 def keep_reason(
-    info: VideoInfo, config: VideoConfig, keep_codecs: tuple[str, ...] = ()
+    info: VideoInfo, config: VideoConfig, played_as_is: PlayedAsIs | None = None
 ) -> str | None:
     """Why this video is passed through unchanged, or None when it should be converted."""
     if config.mode == "keep":
@@ -257,7 +272,7 @@ def keep_reason(
             f"kept as it is: {_HDR_TRANSFERS[info.color_trc]} video; its HDR metadata would not "
             "survive re-encoding"
         )
-    if info.codec in keep_codecs:
+    if played_as_is is not None and played_as_is.plays(info):
         return (
             f"kept as it is: {info.codec} is played as it is where it goes, and a converted copy "
             "would be re-encoded there (optimize.video.when_immich_retranscodes: keep)"
