@@ -204,6 +204,7 @@ class Ledger:
         is waiting for; WAL mode lets it read while the service commits."""
         self.path = path
         self._select = _SELECT
+        self._columns = set(_COLUMNS)  # a reader of an older ledger finds fewer
         if readonly:
             self._db = sqlite3.connect(
                 f"file:{path}?mode=ro", uri=True, isolation_level=None, check_same_thread=False
@@ -258,6 +259,7 @@ class Ledger:
         present = {row[1] for row in self._db.execute("PRAGMA table_xinfo(originals)")}
         if not present:  # not created yet: nothing to adapt
             return _SELECT
+        self._columns = present
         columns = [c if c in present else f"{_ADDED_COLUMNS[c][1]} AS {c}" for c in _COLUMNS]
         return f"SELECT {', '.join(columns)} FROM originals"
 
@@ -396,9 +398,10 @@ class Ledger:
     def immich_copies(self) -> tuple[int, int, int]:
         """Of the converted videos in Immich: (how many have Immich's own copy, its bytes in
         all, how many are not measured yet)."""
+        measured = "immich_copy_bytes" if "immich_copy_bytes" in self._columns else "NULL"
         row = self._db.execute(
-            "SELECT COALESCE(SUM(immich_copy_bytes > 0), 0), COALESCE(SUM(immich_copy_bytes), 0),"
-            " COALESCE(SUM(immich_copy_bytes IS NULL), 0) FROM originals"
+            f"SELECT COALESCE(SUM({measured} > 0), 0), COALESCE(SUM({measured}), 0),"
+            f" COALESCE(SUM({measured} IS NULL), 0) FROM originals"
             " WHERE kind = 'video' AND outcome = ?",
             (Outcome.UPLOADED,),
         ).fetchone()

@@ -700,8 +700,11 @@ def _start_video_conversion(state: StandinState, asset: StandinAsset) -> None:
         target = asset.path.with_name(f"{asset.id}.encoded.mp4")
         loop = asyncio.get_running_loop()
         ffmpeg = state.system_config["ffmpeg"]
-        if await loop.run_in_executor(None, encode_like_immich, asset.path, target, ffmpeg):
-            asset.encoded_path = target
+        try:
+            if await loop.run_in_executor(None, encode_like_immich, asset.path, target, ffmpeg):
+                asset.encoded_path = target
+        except Exception:  # Immich logs a failed conversion; the asset stays, played as it is
+            target.unlink(missing_ok=True)
 
     task = asyncio.create_task(convert())
     state._conversions.add(task)
