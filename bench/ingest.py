@@ -101,6 +101,10 @@ MULTI = [
     ("4 × paramiko", "paramiko", 4),
 ]
 MULTI_CIPHER = "aes128-gcm"  # the one cipher every client has (rclone picks it itself)
+# The sftpgate variant with its connections in child processes: one per core of this machine.
+PROCESSES = 2
+PROCS = f"sftpgate-p{PROCESSES}"  # its name in the samples
+PROCS_LABEL = f"× {PROCESSES} processes"  # in the table
 FEED_SOURCES = [
     "jpeg/apple-iphone6s-livephoto.jpg",
     "jpeg/apple-iphone5-orient3-gps.jpg",
@@ -184,9 +188,8 @@ class Target:
 
 
 class GateTarget(Target):
-    name = "sftpgate"
-
-    def __init__(self, gate: Gate) -> None:
+    def __init__(self, gate: Gate, name: str = "sftpgate") -> None:
+        self.name = name
         self.gate = gate
         self.port = gate.port
         self.user = "phone"
@@ -546,10 +549,13 @@ def run(bench: Bench) -> Section:
         standin.url,
         extra_users=[{"name": "feeder", "password": "feeder-password-not-used"}],
     )
+    # sftpgate again with its connections in PROCESSES child processes (idle rows only).
+    gate_procs = Gate(bench, standin.url, name="gate-procs", sftp={"processes": PROCESSES})
     sshd = Sshd(bench)
     stock = AsyncsshTarget(bench)
     gate_target = GateTarget(gate)
-    targets: list[Target] = [gate_target, SshdTarget(sshd), stock]
+    procs_target = GateTarget(gate_procs, PROCS)
+    targets: list[Target] = [gate_target, SshdTarget(sshd), stock, procs_target]
     feeder = Feeder(gate)
     res = Results()
     gap = 0.0 if bench.quick else 3.0  # idle before each run (notes §1: page-cache effects)
@@ -563,10 +569,11 @@ def run(bench: Bench) -> Section:
         nonlocal runs
         order = targets if rep % 2 == 0 else targets[::-1]
         for target in order:
-            if mode == "busy" and target is stock:
+            if mode == "busy" and target in (stock, procs_target):
                 continue
             runs += 1
             gate_target.clean(wait=mode == "idle")
+            procs_target.clean(wait=True)
             time.sleep(gap)
             key = (mode, ds.name, label, cipher, target.name)
             try:
@@ -608,6 +615,7 @@ def run(bench: Bench) -> Section:
         stock.stop()
         sshd.stop()
         gate.stop()
+        gate_procs.stop()
         standin.stop()
         for ds in datasets:  # the data sets and their shares (shares()) share one folder
             shutil.rmtree(ds.src.parent, ignore_errors=True)
@@ -628,7 +636,7 @@ def _section(bench: Bench, datasets: list[Dataset], res: Results) -> Section:
         got = {
             (mode, server, attr): res.values((mode, ds.name, client, cipher, server), attr)
             for mode in ("idle", "busy")
-            for server in ("sftpgate", "OpenSSH", "asyncssh")
+            for server in ("sftpgate", "OpenSSH", "asyncssh", PROCS)
             for attr in ("mbps", "cpu_per_gb", "workers_cores")
         }
         busy_workers += got["busy", "sftpgate", "workers_cores"]
@@ -640,6 +648,7 @@ def _section(bench: Bench, datasets: list[Dataset], res: Results) -> Section:
         )
         g_busy, o_busy = got["busy", "sftpgate", "mbps"], got["busy", "OpenSSH", "mbps"]
         a_idle, a_cpu = got["idle", "asyncssh", "mbps"], got["idle", "asyncssh", "cpu_per_gb"]
+        p_idle, p_cpu = got["idle", PROCS, "mbps"], got["idle", PROCS, "cpu_per_gb"]
         cipher_label = cipher
         if client.startswith("rclone"):
             seen = res.samples.get(("idle", ds.name, client, cipher, "OpenSSH"), [])
@@ -664,6 +673,10 @@ def _section(bench: Bench, datasets: list[Dataset], res: Results) -> Section:
                 cell(a_cpu, 2, spread_too=False),
                 ratio(median(g_idle), median(a_idle)),
                 ratio(median(a_idle), median(o_idle)),
+                cell(p_idle),
+                cell(p_cpu, 2, spread_too=False),
+                ratio(median(p_idle), median(o_idle)),
+                ratio(median(p_idle), median(a_idle)),
             ]
         )
     header = [
@@ -684,6 +697,10 @@ def _section(bench: Bench, datasets: list[Dataset], res: Results) -> Section:
         "stock asyncssh CPU s/GB",
         "sftpgate / stock asyncssh",
         "stock asyncssh / OpenSSH",
+        f"sftpgate {PROCS_LABEL} MB/s",
+        f"sftpgate {PROCS_LABEL} CPU s/GB",
+        f"sftpgate {PROCS_LABEL} / OpenSSH",
+        f"sftpgate {PROCS_LABEL} / stock asyncssh",
     ]
     fed = bench.raw.get("ingest_feeder_jpegs", [])
     notes = [
@@ -707,6 +724,10 @@ def _section(bench: Bench, datasets: list[Dataset], res: Results) -> Section:
         "all bytes over the wall time from the first client's start to the last one's end, "
         "CPU s/GB the server's CPU over all bytes (sshd: one set of processes per connection; "
         "sftpgate and stock asyncssh: every connection in one process).",
+        f"sftpgate {PROCS_LABEL} (idle only): the same service with `sftp.processes: "
+        f"{PROCESSES}`, every connection served by the least busy of its {PROCESSES} connection "
+        "processes, the service committing each CLOSE; CPU s/GB counts the service and its "
+        "connection processes.",
         "Not run: paramiko × chacha20 (paramiko has no chacha20-poly1305); rclone × chacha20 "
         "(rclone 1.60 has no cipher option).",
         f"Load average after the section: {loadavg()}.",
