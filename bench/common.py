@@ -62,6 +62,9 @@ class Bench:
     # Ingest: only the several-streams-at-once rows (run.py --multi-only), to re-measure them
     # without the single-stream and busy rows.
     multi_only: bool = False
+    # Ingest: only the single-stream rows, idle (run.py --single-only): no feeder converting,
+    # no several-streams rows.
+    single_only: bool = False
     _client_key: Path | None = None
     _host_keys: Path | None = None
 

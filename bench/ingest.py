@@ -592,7 +592,7 @@ def run(bench: Bench) -> Section:
     try:
         for rep in range(bench.reps):
             for mode in ("idle", "busy"):
-                if multi_only and mode == "busy":
+                if (multi_only or bench.single_only) and mode == "busy":
                     continue
                 if mode == "busy":
                     fed_before = feeder.fed
@@ -603,7 +603,7 @@ def run(bench: Bench) -> Section:
                         if bench.quick and mode == "busy" and (client, cipher) != COMBOS[0]:
                             continue  # --quick: the busy mode is proven with one client
                         each_server(rep, mode, ds, client, client, cipher)
-                if mode == "idle":
+                if mode == "idle" and not bench.single_only:
                     for label, client, streams in MULTI:
                         each_server(rep, mode, photos, label, client, MULTI_CIPHER, streams)
                 if mode == "busy":
@@ -712,7 +712,7 @@ def _section(bench: Bench, datasets: list[Dataset], res: Results) -> Section:
         f"{median(busy_workers):.2f} cores (median over runs) in the background (SCHED_IDLE); "
         "the OpenSSH busy runs share the machine with the same workers."
         if fed
-        else "Busy: not run (--multi-only).",
+        else "Busy: not run (--multi-only or --single-only).",
         "Stock asyncssh (idle only): asyncssh's own SFTPServer with sftpgate's SSH settings and "
         "protocol layer on uvloop, writing straight into a folder (no hashing, no fsync, no "
         "ledger); it honours `sftp -f`'s fsync@openssh.com. The ceiling of one Python event "

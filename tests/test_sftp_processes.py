@@ -17,14 +17,23 @@ from typing import Any
 import asyncssh
 import pytest
 
-from .conftest import CORPUS, eventually, finished, started_gate
-from .test_sftp_clients import connect, ledger_rows, sftp_batch, sha1
+from .conftest import CORPUS, eventually, finished, gate_config, started_gate
+from .test_sftp_clients import ServerProcess, connect, ledger_rows, sftp_batch, sha1
 
 TWO = {"processes": 2}
 
 
 def gauge(gate: Any, name: str) -> float:
     return float(getattr(gate.metrics, name)._value.get())
+
+
+async def begin_upload(gate: Any, name: str, body: bytes) -> Any:
+    """A new connection that writes `body` into `name` and leaves it open: (connection, file)."""
+    conn = await connect(gate.sftp.port)
+    sftp = await conn.start_sftp_client()
+    f = await sftp.open(name, "wb")
+    await f.write(body)
+    return conn, f
 
 
 def serving(gate: Any) -> list[int]:
@@ -69,10 +78,10 @@ async def test_two_clients_land_on_two_processes_and_their_uploads_reach_immich(
         assert "photo.jpg" in out.stdout and "c.bin" in out.stdout
 
 
-async def test_failures_on_both_processes_ban_the_address_and_max_connections_holds(
+async def test_bans_and_limits_hold_across_processes(
     tmp_path: Path, standin: Any, host_keys_dir: Path, client_key: Path
 ) -> None:
-    sftp = {**TWO, "ban_after_failures": 4, "max_connections": 3}
+    sftp = {**TWO, "ban_after_failures": 4, "max_connections": 3, "max_sessions_per_user": 2}
     async with started_gate(tmp_path, standin, host_keys_dir, client_key, sftp=sftp) as gate:
 
         async def wrong() -> None:
@@ -90,13 +99,26 @@ async def test_failures_on_both_processes_ban_the_address_and_max_connections_ho
             async with connect(gate.sftp.port):  # the right password, but banned now
                 pass
         gate.sftp.guard._failures.clear()  # the ban lifted, as after ban_seconds
+        await eventually(lambda: serving(gate) == [0, 0], what="the attempts' ends counted")
 
-        async with connect(gate.sftp.port), connect(gate.sftp.port), connect(gate.sftp.port):
-            assert sorted(serving(gate)) == [1, 2]
+        async with (
+            connect(gate.sftp.port) as c1,
+            connect(gate.sftp.port) as c2,
+            connect(gate.sftp.port) as c3,
+        ):
+            assert serving(gate) == [2, 1]  # c1 and c3 on the first, c2 on the second
             with pytest.raises((asyncssh.Error, OSError)):
                 async with connect(gate.sftp.port):
                     pass
             assert sum(serving(gate)) == 3
+            # Sessions per user count over both processes: c3's would be the third.
+            async with c1.start_sftp_client(), c2.start_sftp_client():
+                await eventually(
+                    lambda: sum(c.sessions["phone"] for c in gate.sftp.children) == 2,
+                    what="the service to count both sessions",
+                )
+                with pytest.raises(asyncssh.ChannelOpenError):
+                    await c3.start_sftp_client()
 
 
 async def test_a_cut_off_upload_resumes_on_the_other_process_and_a_stop_parks_one(
@@ -104,10 +126,7 @@ async def test_a_cut_off_upload_resumes_on_the_other_process_and_a_stop_parks_on
 ) -> None:
     data = os.urandom(4_000_000)
     async with started_gate(tmp_path, standin, host_keys_dir, client_key, sftp=TWO) as gate:
-        conn = await connect(gate.sftp.port)
-        sftp = await conn.start_sftp_client()
-        f = await sftp.open("clip.bin", "wb")
-        await f.write(data[:1_500_000])
+        conn, _ = await begin_upload(gate, "clip.bin", data[:1_500_000])
         parker = serving(gate).index(1)
         conn.abort()  # Wi-Fi gone
         part = await eventually(lambda: gate.sftp.parts.get("phone", "clip.bin"), what="a part")
@@ -124,10 +143,7 @@ async def test_a_cut_off_upload_resumes_on_the_other_process_and_a_stop_parks_on
         row = (await ledger_rows(gate))[("phone", "clip.bin")]
         assert (row.sha1, row.size) == (sha1(data), len(data))
 
-        conn = await connect(gate.sftp.port)
-        sftp = await conn.start_sftp_client()
-        f = await sftp.open("late.bin", "wb")
-        await f.write(data[:1_000_000])
+        conn, _ = await begin_upload(gate, "late.bin", data[:1_000_000])
         await eventually(
             lambda: sum(p.stat().st_size for p in gate.layout.staging.iterdir()) >= 1_000_000,
             what="the bytes to arrive",
@@ -150,10 +166,7 @@ async def test_a_killed_process_is_replaced_and_the_retry_delivers_the_file_once
 ) -> None:
     data = os.urandom(6_000_000)
     async with started_gate(tmp_path, standin, host_keys_dir, client_key, sftp=TWO) as gate:
-        conn = await connect(gate.sftp.port)
-        sftp = await conn.start_sftp_client()
-        f = await sftp.open("movie.bin", "wb")
-        await f.write(data[:2_000_000])
+        conn, f = await begin_upload(gate, "movie.bin", data[:2_000_000])
         victim = gate.sftp.children[serving(gate).index(1)]
         survivor = next(c for c in gate.sftp.children if c is not victim)
         os.kill(victim.pid, signal.SIGKILL)
@@ -179,3 +192,41 @@ async def test_a_killed_process_is_replaced_and_the_retry_delivers_the_file_once
         await gate.pipeline.wait_for(finished(1), timeout=60)
         rows = await gate.db(lambda db: list(db.iter_all()))
         assert [(r.path, r.sha1) for r in rows] == [("movie.bin", sha1(data))]
+
+
+def connection_processes(pid: int) -> list[int]:
+    found = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        for child in (task / "children").read_text().split():
+            cmd = Path(f"/proc/{child}/cmdline").read_bytes()
+            if b"sftpgate.sftp.processes" in cmd:
+                found.append(int(child))
+    return found
+
+
+def alive(pid: int) -> bool:
+    """Running (a zombie waiting for its reaper counts as gone)."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+    return state != "Z"
+
+
+async def test_connection_processes_end_with_a_killed_service(
+    tmp_path: Path, standin: Any, host_keys_dir: Path, client_key: Path
+) -> None:
+    config = gate_config(tmp_path, standin.url, host_keys_dir, client_key, sftp=TWO)
+    async with ServerProcess(config) as server:
+        assert server.proc is not None
+        children = await eventually(
+            lambda: len(pids := connection_processes(server.proc.pid)) == 2 and pids,
+            what="two connection processes",
+        )
+        async with connect(server.port) as conn, conn.start_sftp_client() as sftp:
+            await sftp.listdir(".")
+            server.proc.kill()
+            await server.proc.wait()
+            # Their socket to the service ends: they close their connections and exit.
+            await eventually(lambda: not any(alive(p) for p in children), what="children gone")
+            await asyncio.wait_for(conn.wait_closed(), 10)

@@ -7,7 +7,9 @@ banned addresses and connections over `max_connections`, and hands each accepted
 SSH transport, the SFTP protocol, hashing and writes (the same `SftpGateway` classes as in
 process), and asks the service, over a second socket, for everything that touches the ledger:
 the `Intake` calls (CLOSE is still answered only after the service committed the upload), a
-failed login for the ban count, the session gauge. The service stays the ledger's only writer.
+failed login for the ban count, the session gauge, each user's sessions (the service tells every
+process how many the others hold, for `max_sessions_per_user`). The service stays the ledger's
+only writer.
 
 A connection process that dies is replaced; what its connections had not closed stays a part in
 .staging/ (removed when stale), and nothing reaches watch/ without a committed CLOSE. One that
@@ -28,6 +30,7 @@ import signal
 import socket
 import struct
 import sys
+from collections import Counter
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -39,8 +42,6 @@ from ..layout import Layout
 from ..ledger import Remembered
 from ..logs import event, setup_logging
 from ..metrics import Metrics
-from ..networks import Networks
-from .filesystem import PartStore
 from .server import GateSSHServer, LoginGuard, SftpGateway
 
 __all__ = ["ConnectionProcesses"]
@@ -97,6 +98,7 @@ class _Child:
         self.writer: asyncio.StreamWriter | None = None
         self.connections: set[int] = set()
         self.gauges: dict[str, float] = dict.fromkeys(_GAUGES, 0.0)  # its share of each gauge
+        self.sessions: Counter[str] = Counter()  # its SFTP sessions per user
         self.served: asyncio.Task[None] | None = None
 
     @property
@@ -113,13 +115,15 @@ class ConnectionProcesses:
     def __init__(self, config: Config, layout: Layout, intake: Intake, metrics: Metrics) -> None:
         self.config = config
         self.sftp = config.sftp
-        self.layout = layout
-        self.intake = intake
         self.metrics = metrics
-        self.guard = LoginGuard(self.sftp.ban_after_failures, self.sftp.ban_seconds)
-        self.ban_allowlist = Networks(self.sftp.ban_allowlist)
-        # Read here only to load and clean at start; every process reads the same directory.
-        self.parts = PartStore(layout.root / ".resume", self.sftp.resume_keep_seconds)
+        # The in-process gateway's parts, never listening here: it prepares what the children
+        # share (folders, host keys: created once, here, so two children never race to create
+        # them), keeps the bans, and loads and cleans the parts at start (every process reads
+        # the same directory).
+        self._gate = SftpGateway(config, layout, intake, metrics)
+        self.guard = self._gate.guard
+        self.parts = self._gate.parts
+        self.intake = intake
         self.children: list[_Child] = []
         self._listener: socket.socket | None = None
         self._accepting: asyncio.Task[None] | None = None
@@ -136,11 +140,8 @@ class ConnectionProcesses:
         return int(self._listener.getsockname()[1])
 
     async def start(self) -> None:
-        # The service's own process prepares what the children then share: folders, host keys
-        # (created once, here, so two children never race to create them), the parts.
-        gate = SftpGateway(self.config, self.layout, self.intake, self.metrics)
-        gate.prepare()
-        gate.server_options()
+        self._gate.prepare()
+        self._gate.server_options()
         self.parts.load()
         for _ in range(self.sftp.processes):
             self.children.append(await self._spawn())
@@ -231,6 +232,9 @@ class ConnectionProcesses:
                     self.guard.failed(message[1])
                 elif kind == "metric":
                     self._count(child, message[1], message[2])
+                elif kind == "sessions":
+                    child.sessions[message[1]] += message[2]
+                    self._tell_sessions(message[1])
         except (asyncio.IncompleteReadError, ConnectionError, OSError):
             pass
         code = await child.proc.wait()
@@ -238,6 +242,9 @@ class ConnectionProcesses:
             task.cancel()
         for name, value in child.gauges.items():  # its sessions ended with it
             getattr(self.metrics, name).dec(value)
+        self.children.remove(child)
+        for user in child.sessions:
+            self._tell_sessions(user)
         child.handover.close()
         if child.writer is not None:
             child.writer.close()
@@ -251,7 +258,6 @@ class ConnectionProcesses:
             connections=len(child.connections),
             outcome="replaced; its unfinished uploads stay parts",
         )
-        self.children.remove(child)
         try:
             self.children.append(await self._spawn())
         except OSError as exc:
@@ -271,6 +277,14 @@ class ConnectionProcesses:
             reply = ("reply", request, False, _sendable(exc))
         if child.writer is not None and not child.writer.is_closing():
             _write(child.writer, reply)
+
+    def _tell_sessions(self, user: str) -> None:
+        """Tell every child how many sessions `user` has on the others: the per-user limit is
+        checked in the child, synchronously, when a session is asked for."""
+        total = sum(c.sessions[user] for c in self.children)
+        for c in self.children:
+            if c.writer is not None and not c.writer.is_closing():
+                _write(c.writer, ("sessions", user, total - c.sessions[user]))
 
     def _count(self, child: _Child, name: str, delta: float) -> None:
         if name in _GAUGES:
@@ -437,15 +451,32 @@ class _RemoteGuard(LoginGuard):
         self._link.note("login failed", addr)
 
 
+class _ChildGateway(SftpGateway):
+    """The gateway of a connection process: ledger, bans, metrics and the other processes'
+    sessions are the service's."""
+
+    def __init__(self, config: Config, layout: Layout, link: _Link) -> None:
+        metrics: Any = _RemoteMetrics(link)
+        super().__init__(config, layout, RemoteIntake(link, config, layout), metrics)
+        self.guard = _RemoteGuard(link)
+        self.link = link
+        self.elsewhere: Counter[str] = Counter()  # sessions per user on the other processes
+
+    def sessions_of(self, user: str) -> int:
+        return super().sessions_of(user) + self.elsewhere[user]
+
+    def session_changed(self, user: str, delta: int) -> None:
+        super().session_changed(user, delta)
+        self.link.note("sessions", user, delta)
+
+
 async def _connection_process(handover: socket.socket, rpc: socket.socket) -> None:
     loop = asyncio.get_running_loop()
     reader, writer = await asyncio.open_unix_connection(sock=rpc)
     config: Config = await _read(reader)
     setup_logging(config.log.format, config.log.level)
     link = _Link(writer)
-    layout = Layout(config.data_path)
-    gate = SftpGateway(config, layout, RemoteIntake(link, config, layout), _RemoteMetrics(link))  # type: ignore[arg-type]
-    gate.guard = _RemoteGuard(link)
+    gate = _ChildGateway(config, Layout(config.data_path), link)
     gate.prepare()
     options = gate.server_options()
     stop = asyncio.Event()
@@ -486,6 +517,8 @@ async def _connection_process(handover: socket.socket, rpc: socket.socket) -> No
                 message = await _read(reader)
                 if message[0] == "reply":
                     link.answered(*message[1:])
+                elif message[0] == "sessions":
+                    gate.elsewhere[message[1]] = message[2]
                 elif message[0] == "stop":
                     grace = message[1]
                     stop.set()

@@ -153,7 +153,7 @@ class _SftpSession(SSHServerStreamSession):
         super().connection_lost(exc)
         if not self._released:
             self._released = True
-            self._owner.gate.sessions[self._user] -= 1
+            self._owner.gate.session_changed(self._user, -1)
 
 
 class GateSSHServer(asyncssh.SSHServer):
@@ -232,10 +232,10 @@ class GateSSHServer(asyncssh.SSHServer):
         # asyncssh: the session limit is checked here, where refusing is a clean channel error.
         if self.user is None:
             return False
-        if self.gate.sessions[self.user] >= self.gate.sftp.max_sessions_per_user:
+        if self.gate.sessions_of(self.user) >= self.gate.sftp.max_sessions_per_user:
             event("session refused", level=30, user=self.user, reason="too many sessions")
             return False
-        self.gate.sessions[self.user] += 1
+        self.gate.session_changed(self.user, 1)
         return _SftpSession(self, self.user)
 
     def touch(self) -> None:
@@ -313,6 +313,13 @@ class SftpGateway:
     @property
     def connections(self) -> int:
         return len(self.live)
+
+    def sessions_of(self, user: str) -> int:
+        """The SFTP sessions `user` has open, for the per-user limit."""
+        return self.sessions[user]
+
+    def session_changed(self, user: str, delta: int) -> None:
+        self.sessions[user] += delta
 
     def new_sftp_server(self, chan: Any, owner: GateSSHServer) -> GateSFTPServer:
         server = GateSFTPServer(
