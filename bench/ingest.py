@@ -33,7 +33,11 @@ two `sftp` clients (with and without -f) and four paramiko clients at once, each
 of the files; MB/s is all bytes over the wall time from the first client's start to the last
 one's end. `--multi-only` (here or in bench/run.py) runs only these rows.
 
-Run alone: `python bench/ingest.py [--quick] [--multi-only]`. `python bench/ingest.py
+A fourth server runs the idle rows: the same sftpgate with `sftp.processes: 2`, its connections
+served by two child processes (their CPU is counted with the service's). `--single-only` runs
+only the single-stream idle rows.
+
+Run alone: `python bench/ingest.py [--quick] [--multi-only | --single-only]`. `python bench/ingest.py
 --paramiko-client JSON` is the paramiko client process the benchmark starts, `--asyncssh-server
 JSON` the stock asyncssh server.
 """
@@ -877,6 +881,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--multi-only", action="store_true", help="only several streams at once")
+    parser.add_argument("--single-only", action="store_true", help="only single streams, idle")
     parser.add_argument("--paramiko-client", metavar="JSON", help=argparse.SUPPRESS)
     parser.add_argument("--asyncssh-server", metavar="JSON", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -888,7 +893,12 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     from run import main as run_main
 
-    flags = [*(["--quick"] if args.quick else []), *(["--multi-only"] if args.multi_only else [])]
+    chosen = {
+        "--quick": args.quick,
+        "--multi-only": args.multi_only,
+        "--single-only": args.single_only,
+    }
+    flags = [flag for flag, on in chosen.items() if on]
     return run_main([*flags, "--only", "ingest"])
 
 
