@@ -141,7 +141,7 @@ class ConnectionProcesses:
 
     async def start(self) -> None:
         self._gate.prepare()
-        self._gate.server_options()
+        self._gate.server_options()  # creates missing host keys, before any child reads them
         self.parts.load()
         for _ in range(self.sftp.processes):
             self.children.append(await self._spawn())
@@ -209,6 +209,8 @@ class ConnectionProcesses:
         self._next_id += 1
         message = pickle.dumps((self._next_id, addr))
         try:
+            # Blocking, but only for as long as the child's queue of sockets not yet taken is
+            # full (the kernel's buffer holds hundreds): accepting pauses rather than refuses.
             socket.send_fds(child.handover, [message], [sock.fileno()])
         except OSError as exc:  # the child is gone; its exit is handled in _serve
             event("login refused", level=30, address=addr, reason=f"hand-over failed: {exc}")
