@@ -626,3 +626,27 @@ async def test_a_video_is_played_from_immichs_copy_once_its_job_made_one(
         f"{server.url}/api/assets/{asset.id}/video/playback", headers={"x-api-key": KEY}
     ) as r:
         assert r.status == 403 and "asset.view" in await r.text()
+
+
+def test_immichs_job_encodes_an_accepted_codec_again_when_its_chroma_is_not_420(
+    tmp_path: Path,
+) -> None:
+    import av
+
+    clip = tmp_path / "422.mp4"
+    with av.open(str(clip), "w") as out:
+        stream = out.add_stream("libx264", rate=15, options={"preset": "ultrafast"})
+        stream.width, stream.height, stream.pix_fmt = 176, 144, "yuv422p"
+        for index in range(15):
+            frame = av.VideoFrame(176, 144, "rgb24")
+            frame.planes[0].update(bytes((x + index * 9) % 256 for x in range(176 * 144 * 3)))
+            frame = frame.reformat(format="yuv422p")
+            frame.pts = index
+            out.mux(stream.encode(frame))
+        out.mux(stream.encode(None))
+    ffmpeg = standin.default_system_config()["ffmpeg"]  # accepts h264
+    assert standin.encode_like_immich(clip, tmp_path / "copy.mp4", ffmpeg)
+    with av.open(str(tmp_path / "copy.mp4")) as copy:
+        assert copy.streams.video[0].codec_context.pix_fmt == "yuv420p"
+    disabled = {**ffmpeg, "transcode": "disabled"}
+    assert not standin.encode_like_immich(clip, tmp_path / "none.mp4", disabled)

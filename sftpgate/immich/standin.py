@@ -713,16 +713,19 @@ def _start_video_conversion(state: StandinState, asset: StandinAsset) -> None:
 
 def encode_like_immich(src: Path, target: Path, ffmpeg: dict[str, Any]) -> bool:
     """What Immich's video-conversion job does at these `ffmpeg` settings, for the size of what
-    it stores: with policy "required" a video whose codec is not accepted is encoded again (to
-    H.264 at `crf`/`preset`, its short side scaled to `targetResolution`, audio to AAC) into a
-    copy beside the original; "all" encodes every video, "disabled" none. True if it wrote one.
-    Other policies and the audio and container rules are not modelled."""
+    it stores: with policy "required" a video whose codec is not accepted, or whose chroma is
+    not 4:2:0, is encoded again (to H.264 at `crf`/`preset`, its short side scaled to
+    `targetResolution`, audio to AAC) into a copy beside the original; "all" encodes every
+    video, "disabled" none. True if it wrote one. Other policies and the audio and container
+    rules are not modelled."""
     import av  # PyAV, only for this job
 
     with av.open(str(src)) as container:
         video = container.streams.video[0]
         policy = ffmpeg.get("transcode", "required")
-        accepted = video.codec_context.name in ffmpeg.get("acceptedVideoCodecs", [])
+        accepted = video.codec_context.name in ffmpeg.get("acceptedVideoCodecs", []) and str(
+            video.codec_context.pix_fmt
+        ).endswith("420p")
         if policy == "disabled" or (policy == "required" and accepted):
             return False
         short_side = int(ffmpeg.get("targetResolution", "720"))
