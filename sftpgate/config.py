@@ -415,9 +415,6 @@ def _check_sftp(cfg: Config, problems: list[str]) -> None:
     ):
         if getattr(s, name) < 0:
             problems.append(f"sftp.{name}: must not be negative")
-    if s.processes and s.proxy_protocol:
-        # The PROXY header is read by the listener asyncssh runs in-process.
-        problems.append("sftp.processes: not yet possible with sftp.proxy_protocol (use 0)")
     for i, cipher in enumerate(s.ciphers):
         if cipher not in SSH_CIPHERS:
             problems.append(

@@ -117,13 +117,6 @@ def test_default_value_syntax(tmp_path):
             lambda t: t.replace("listen: 0.0.0.0:2222", "listen: 0.0.0.0:2222\n  processes: -1"),
             "sftp.processes: must not be negative",
         ),
-        (
-            lambda t: t.replace(
-                "listen: 0.0.0.0:2222",
-                "listen: 0.0.0.0:2222\n  processes: 2\n  proxy_protocol: [10.0.0.5/32]",
-            ),
-            "sftp.processes: not yet possible with sftp.proxy_protocol",
-        ),
         (lambda t: t + "timezone: Mars/Olympus\n", "timezone: unknown time zone"),
         (lambda t: t.replace("0.0.0.0:9090", "nine"), "metrics.listen: expected HOST:PORT"),
     ],

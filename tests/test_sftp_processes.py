@@ -18,7 +18,14 @@ import asyncssh
 import pytest
 
 from .conftest import CORPUS, eventually, finished, gate_config, started_gate
-from .test_sftp_clients import ServerProcess, connect, ledger_rows, sftp_batch, sha1
+from .test_sftp_clients import (
+    ServerProcess,
+    connect,
+    ledger_rows,
+    rclone_copy_twice,
+    sftp_batch,
+    sha1,
+)
 
 TWO = {"processes": 2}
 
@@ -76,6 +83,15 @@ async def test_two_clients_land_on_two_processes_and_their_uploads_reach_immich(
         (tmp_path / "up" / "c.bin").write_bytes(data[:1000])
         out = await sftp_batch(gate.sftp.port, client_key, "put c.bin\nls -l\n", tmp_path / "up")
         assert "photo.jpg" in out.stdout and "c.bin" in out.stdout
+
+
+async def test_rclone_over_both_processes_sets_times_after_close_and_then_sends_nothing(
+    tmp_path: Path, standin: Any, host_keys_dir: Path, client_key: Path
+) -> None:
+    """Through connection processes: CLOSE committed by the service, the SETSTAT by path that
+    follows it, and listings read from the ledger file the service writes."""
+    async with started_gate(tmp_path, standin, host_keys_dir, client_key, sftp=TWO) as gate:
+        await rclone_copy_twice(gate, client_key, tmp_path)
 
 
 async def test_bans_and_limits_hold_across_processes(

@@ -664,9 +664,20 @@ class GateSFTPServer(asyncssh.SFTPServer):
             if attrs.mtime is not None:
                 part.mtime = float(attrs.mtime)
             return
-        if local.exists():
-            _apply_attrs(str(local), local.stat(), attrs)
-            if attrs.mtime is not None and local.is_file():
+        # A file in watch/ may leave at any instant (a worker delivers it, or moves it to
+        # undone/), so it is changed through a descriptor: once open, what it names stays, and a
+        # file gone before the open is the ledger's to answer for.
+        try:
+            fd = os.open(local, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        except (FileNotFoundError, NotADirectoryError):
+            fd = None
+        if fd is not None:
+            try:
+                st = os.fstat(fd)
+                _apply_attrs(fd, st, attrs)
+            finally:
+                os.close(fd)
+            if attrs.mtime is not None and stat.S_ISREG(st.st_mode):
                 await self.intake.set_mtime(self.user, rel, float(attrs.mtime))
             return
         if attrs.mtime is not None and await self.intake.set_mtime(
@@ -683,11 +694,15 @@ class GateSFTPServer(asyncssh.SFTPServer):
     async def remove(self, path: bytes) -> None:
         rel, local = self._local(path)
         dropped = self.parts.discard(self.user, rel)  # rclone removes what failed to upload
-        if local.is_file():
-            local.unlink()
-            await self.intake.removed(self.user, rel)
-            await self.intake.forget(self.user, rel)
-            return
+        if not local.is_dir():
+            try:
+                local.unlink()
+            except (FileNotFoundError, NotADirectoryError):
+                pass  # not in watch/, or a worker took it just now: the ledger's to answer
+            else:
+                await self.intake.removed(self.user, rel)
+                await self.intake.forget(self.user, rel)
+                return
         if await self.intake.forget(self.user, rel) or dropped:
             return
         raise asyncssh.SFTPNoSuchFile("No such file")
@@ -728,8 +743,11 @@ class GateSFTPServer(asyncssh.SFTPServer):
                 raise asyncssh.SFTPNoSuchFile("No such folder")
             # Rename onto an existing name replaces it, as posix-rename does: sync apps upload
             # under a temporary name and rename over the old file.
-            await self.intake.rename(self.user, old_rel, new_rel)
-            return
+            try:
+                await self.intake.rename(self.user, old_rel, new_rel)
+                return
+            except FileNotFoundError:
+                pass  # a worker took it on just now: it is a remembered file
         if await self.intake.remembered(self.user, old_rel):
             await self.intake.rename_remembered(self.user, old_rel, new_rel)
             return

@@ -5,8 +5,9 @@ phones at once queue there. With `sftp.processes` ≥ 1 the service only accepts
 banned addresses and connections over `max_connections`, and hands each accepted socket (with
 `socket.send_fds`) to the connection process with the fewest connections. That process runs the
 SSH transport, the SFTP protocol, hashing and writes (the same `SftpGateway` classes as in
-process), and asks the service, over a second socket, for everything that touches the ledger:
-the `Intake` calls (CLOSE is still answered only after the service committed the upload), a
+process), reads the listings it shows from the ledger file (read-only, beside the service's
+commits), and asks the service, over a second socket, for everything that changes state: the
+`Intake` calls (CLOSE is still answered only after the service committed the upload), a
 failed login for the ban count, the session gauge, each user's sessions (the service tells every
 process how many the others hold, for `max_sessions_per_user`). The service stays the ledger's
 only writer.
@@ -39,9 +40,11 @@ import asyncssh
 from ..config import Config, parse_listen
 from ..intake import Intake, Upload
 from ..layout import Layout
-from ..ledger import Remembered
+from ..ledger import Ledger, LedgerThread
 from ..logs import event, setup_logging
 from ..metrics import Metrics
+from ..networks import Networks
+from .proxy import HeaderFront, carried_client, read_header
 from .server import GateSSHServer, LoginGuard, SftpGateway
 
 __all__ = ["ConnectionProcesses"]
@@ -56,8 +59,6 @@ _INTAKE_CALLS = frozenset(
         "set_mtime",
         "removed",
         "forget",
-        "remembered",
-        "remembered_in_dir",
     }
 )
 # Instruments a connection process changes; the values live in the service's registry.
@@ -127,6 +128,8 @@ class ConnectionProcesses:
         self.children: list[_Child] = []
         self._listener: socket.socket | None = None
         self._accepting: asyncio.Task[None] | None = None
+        self._proxies = Networks(self.sftp.proxy_protocol)
+        self._reading_headers: set[asyncio.Task[None]] = set()
         self._stopping = False
         self._next_id = 0
 
@@ -188,10 +191,27 @@ class ConnectionProcesses:
                 event("accept failed", level=30, error=str(exc))
                 await asyncio.sleep(0.1)  # not synchronisation: lets descriptors free up
                 continue
+            client = (str(peer[0]), int(peer[1]))
+            if client[0] in self._proxies:
+                task = asyncio.create_task(self._hand_over_proxied(sock, client))
+                self._reading_headers.add(task)
+                task.add_done_callback(self._reading_headers.discard)
+                continue
             with sock:
-                self._hand_over(sock, str(peer[0]))
+                self._hand_over(sock, client[0], None)
 
-    def _hand_over(self, sock: socket.socket, addr: str) -> None:
+    async def _hand_over_proxied(self, sock: socket.socket, proxy: tuple[str, int]) -> None:
+        """A connection from a listed proxy: its header is read here, so the bans and limits
+        below count the client it names, and the connection process starts with SSH."""
+        with sock:
+            header = await read_header(sock, proxy[0])
+            if header is not None:
+                client = carried_client(header, proxy[0])
+                self._hand_over(sock, (client or proxy)[0], client)
+
+    def _hand_over(self, sock: socket.socket, addr: str, carried: tuple[str, int] | None) -> None:
+        """`carried`: the client a PROXY header named, for the connection process to see as
+        the peer."""
         if self.connections >= self.sftp.max_connections:
             event("login refused", level=30, address=addr, reason="too many connections")
             return
@@ -207,7 +227,7 @@ class ConnectionProcesses:
             event("login refused", level=30, address=addr, reason="no connection process")
             return
         self._next_id += 1
-        message = pickle.dumps((self._next_id, addr))
+        message = pickle.dumps((self._next_id, carried))
         try:
             # Blocking, but only for as long as the child's queue of sockets not yet taken is
             # full (the kernel's buffer holds hundreds): accepting pauses rather than refuses.
@@ -299,10 +319,11 @@ class ConnectionProcesses:
         """Stop accepting, have every child close its connections (cut-off uploads parked) and
         exit within `timeout`; kill the ones still there then."""
         self._stopping = True
-        if self._accepting is not None:
-            self._accepting.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._accepting
+        for task in (self._accepting, *self._reading_headers):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
         if self._listener is not None:
             self._listener.close()
         children = list(self.children)
@@ -370,16 +391,20 @@ class _Link:
 
 
 class RemoteIntake(Intake):
-    """The intake of the service, seen from a connection process: each call is the service's.
+    """The intake of the service, seen from a connection process: every change is the
+    service's, asked for over the link.
 
-    Built without a ledger: only `is_temporary` (the configured patterns) runs here.
+    What listings and stat read (`remembered`, `remembered_in_dir`, and `is_temporary`) runs
+    here, on a read-only connection to the ledger file: WAL mode lets it read while the service
+    commits, and a CLOSE answered after its commit is seen by the next read. A folder of 10,000
+    remembered photos is then read on this process's core, not copied over the link.
     """
 
     def __init__(self, link: _Link, config: Config, layout: Layout) -> None:
         super().__init__(
             layout,
-            None,  # type: ignore[arg-type]  # never used here: every ledger call goes to the service
-            None,  # type: ignore[arg-type]
+            LedgerThread(Ledger(layout.ledger, readonly=True)),
+            None,  # type: ignore[arg-type]  # no metrics here: the service counts
             [u.name for u in config.sftp.users],
             config.sftp.temp_patterns,
             config.sftp.remember_days,
@@ -405,18 +430,6 @@ class RemoteIntake(Intake):
 
     async def forget(self, user: str, path: str) -> bool:
         return bool(await self.link.call("forget", user, path))
-
-    async def remembered(self, user: str, path: str) -> Remembered | None:
-        result: Remembered | None = await self.link.call("remembered", user, path)
-        return result
-
-    async def remembered_in_dir(
-        self, user: str, directory: str
-    ) -> tuple[dict[str, Remembered], set[str]]:
-        result: tuple[dict[str, Remembered], set[str]] = await self.link.call(
-            "remembered_in_dir", user, directory
-        )
-        return result
 
 
 class _RemoteInstrument:
@@ -472,6 +485,70 @@ class _ChildGateway(SftpGateway):
         self.link.note("sessions", user, delta)
 
 
+class _HandedOverSockets:
+    """asyncssh's tunnel listener interface (as `ProxyHeaderListener` uses it) over the sockets
+    the service hands over: `asyncssh.listen(tunnel=...)` gives it the factory of asyncssh's
+    own server connections, and nothing listens here."""
+
+    def __init__(self, proxies: bool) -> None:
+        self._proxies = proxies  # PROXY headers are configured: the front checks for one
+        self._session_factory: Callable[[str, int], Any] | None = None
+
+    async def create_server(
+        self, session_factory: Callable[[str, int], Any], listen_host: str, listen_port: int
+    ) -> _HandedOverSockets:
+        self._session_factory = session_factory
+        return self
+
+    def close(self) -> None:
+        """Nothing listens here: the service stops handing sockets over."""
+
+    async def wait_closed(self) -> None:
+        """Nothing listens here: the service stops handing sockets over."""
+
+    async def serve(self, sock: socket.socket, carried: tuple[str, int] | None) -> None:
+        """Run SSH on one handed-over socket until it ends. `carried`: the client the PROXY
+        header the service read named; without one, and with `sftp.proxy_protocol` set, the
+        first bytes are checked for a header as in the service (refused: not from a proxy)."""
+        assert self._session_factory is not None
+        factory = self._session_factory
+        loop = asyncio.get_running_loop()
+        started: asyncio.Future[asyncssh.SSHServerConnection | None] = loop.create_future()
+
+        def start_ssh() -> Any:
+            conn = factory("", 0)
+            started.set_result(conn)
+            return conn
+
+        if carried is None and not self._proxies:
+            await loop.connect_accepted_socket(start_ssh, sock)
+        else:
+            await loop.connect_accepted_socket(
+                lambda: _EndingFront(start_ssh, carried, started), sock
+            )
+        conn = await started
+        if conn is not None:
+            await conn.wait_closed()
+
+
+class _EndingFront(HeaderFront):
+    """The PROXY front of a handed-over socket, which says when it ends without SSH."""
+
+    def __init__(
+        self,
+        start_ssh: Callable[[], Any],
+        carried: tuple[str, int] | None,
+        started: asyncio.Future[asyncssh.SSHServerConnection | None],
+    ) -> None:
+        super().__init__(start_ssh, Networks(()), carried)  # no proxy connects to this process
+        self._started = started
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        super().connection_lost(exc)
+        if not self._started.done():
+            self._started.set_result(None)
+
+
 async def _connection_process(handover: socket.socket, rpc: socket.socket) -> None:
     loop = asyncio.get_running_loop()
     reader, writer = await asyncio.open_unix_connection(sock=rpc)
@@ -480,19 +557,19 @@ async def _connection_process(handover: socket.socket, rpc: socket.socket) -> No
     link = _Link(writer)
     gate = _ChildGateway(config, Layout(config.data_path), link)
     gate.prepare()
-    options = gate.server_options()
+    handed = _HandedOverSockets(bool(config.sftp.proxy_protocol))
+    server = await asyncssh.listen(
+        "", 0, tunnel=handed, server_factory=lambda: GateSSHServer(gate), **gate.server_options()
+    )
     stop = asyncio.Event()
     grace = config.shutdown_grace_seconds
     connections: set[asyncio.Task[None]] = set()
 
-    async def serve(conn_id: int, addr: str, sock: socket.socket) -> None:
+    async def serve(conn_id: int, carried: tuple[str, int] | None, sock: socket.socket) -> None:
         try:
-            conn = await asyncssh.run_server(
-                sock, server_factory=lambda: GateSSHServer(gate, addr), **options
-            )
-            await conn.wait_closed()
-        except (OSError, asyncssh.Error):
-            pass  # ended before it was up (a scan, a timeout); asyncssh logged what there was
+            await handed.serve(sock, carried)
+        except OSError:
+            pass  # gone before it was up (a scan); asyncssh logs what there was of SSH
         finally:
             link.note("closed", conn_id)
 
@@ -505,10 +582,10 @@ async def _connection_process(handover: socket.socket, rpc: socket.socket) -> No
             stop.set()
             loop.remove_reader(handover)
             return
-        conn_id, addr = pickle.loads(message)
+        conn_id, carried = pickle.loads(message)
         for fd in fds:
             sock = socket.socket(fileno=fd)
-            task = asyncio.create_task(serve(conn_id, addr, sock))
+            task = asyncio.create_task(serve(conn_id, carried, sock))
             connections.add(task)
             task.add_done_callback(connections.discard)
 
@@ -538,6 +615,8 @@ async def _connection_process(handover: socket.socket, rpc: socket.socket) -> No
         task.cancel()
     await asyncio.gather(*connections, return_exceptions=True)
     listening.cancel()
+    server.close()
+    gate.intake.db.close()
     writer.close()
 
 

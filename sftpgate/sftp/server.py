@@ -157,11 +157,8 @@ class _SftpSession(SSHServerStreamSession):
 
 
 class GateSSHServer(asyncssh.SSHServer):
-    def __init__(self, gate: SftpGateway, addr: str | None = None) -> None:
-        """`addr`: the client's address when the socket's peer is not the client (a socket
-        handed over by the process that accepted it, behind a PROXY header)."""
+    def __init__(self, gate: SftpGateway) -> None:
         self.gate = gate
-        self._given_addr = addr
         self.addr = "?"
         self.user: str | None = None
         self._conn: asyncssh.SSHServerConnection | None = None
@@ -175,7 +172,7 @@ class GateSSHServer(asyncssh.SSHServer):
     def connection_made(self, conn: asyncssh.SSHServerConnection) -> None:
         self._conn = conn
         peer = conn.get_extra_info("peername")
-        self.addr = self._given_addr or (peer[0] if peer else "?")
+        self.addr = peer[0] if peer else "?"
         self.gate.live.add(self)
         if self.gate.connections > self.gate.sftp.max_connections:
             event("login refused", level=30, address=self.addr, reason="too many connections")
