@@ -62,6 +62,9 @@ class Bench:
     # Ingest: only the several-streams-at-once rows (run.py --multi-only), to re-measure them
     # without the single-stream and busy rows.
     multi_only: bool = False
+    # Ingest: only the single-stream rows, idle (run.py --single-only): no feeder converting,
+    # no several-streams rows.
+    single_only: bool = False
     _client_key: Path | None = None
     _host_keys: Path | None = None
 
@@ -438,15 +441,22 @@ class Gate:
         return self.watch / user
 
     def cpu(self) -> float:
-        """The service's own CPU (every thread) and reaped children's; live codec workers not."""
-        return cpu_seconds(self.pid)
+        """The service's own CPU (every thread), its connection processes' (`sftp.processes`)
+        and reaped children's; live codec workers not."""
+        return cpu_seconds(self.pid) + sum(
+            cpu_seconds(pid, children=False) for pid in self._children(b"sftpgate.sftp.processes")
+        )
 
     def workers(self) -> list[int]:
+        return self._children(b"multiprocessing", but_not=b"resource_tracker")
+
+    def _children(self, marker: bytes, but_not: bytes | None = None) -> list[int]:
+        """The live child processes whose command line has `marker` (and not `but_not`)."""
         pids = []
         for pid in child_pids(self.pid):
             with contextlib.suppress(OSError):
                 cmd = Path(f"/proc/{pid}/cmdline").read_bytes()
-                if b"multiprocessing" in cmd and b"resource_tracker" not in cmd:
+                if marker in cmd and (but_not is None or but_not not in cmd):
                     pids.append(pid)
         return pids
 

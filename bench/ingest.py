@@ -33,7 +33,11 @@ two `sftp` clients (with and without -f) and four paramiko clients at once, each
 of the files; MB/s is all bytes over the wall time from the first client's start to the last
 one's end. `--multi-only` (here or in bench/run.py) runs only these rows.
 
-Run alone: `python bench/ingest.py [--quick] [--multi-only]`. `python bench/ingest.py
+A fourth server runs the idle rows: the same sftpgate with `sftp.processes: 2`, its connections
+served by two child processes (their CPU is counted with the service's). `--single-only` runs
+only the single-stream idle rows.
+
+Run alone: `python bench/ingest.py [--quick] [--multi-only | --single-only]`. `python bench/ingest.py
 --paramiko-client JSON` is the paramiko client process the benchmark starts, `--asyncssh-server
 JSON` the stock asyncssh server.
 """
@@ -101,6 +105,10 @@ MULTI = [
     ("4 × paramiko", "paramiko", 4),
 ]
 MULTI_CIPHER = "aes128-gcm"  # the one cipher every client has (rclone picks it itself)
+# The sftpgate variant with its connections in child processes: one per core of this machine.
+PROCESSES = 2
+PROCS = f"sftpgate-p{PROCESSES}"  # its name in the samples
+PROCS_LABEL = f"× {PROCESSES} processes"  # in the table
 FEED_SOURCES = [
     "jpeg/apple-iphone6s-livephoto.jpg",
     "jpeg/apple-iphone5-orient3-gps.jpg",
@@ -184,9 +192,8 @@ class Target:
 
 
 class GateTarget(Target):
-    name = "sftpgate"
-
-    def __init__(self, gate: Gate) -> None:
+    def __init__(self, gate: Gate, name: str = "sftpgate") -> None:
+        self.name = name
         self.gate = gate
         self.port = gate.port
         self.user = "phone"
@@ -546,10 +553,13 @@ def run(bench: Bench) -> Section:
         standin.url,
         extra_users=[{"name": "feeder", "password": "feeder-password-not-used"}],
     )
+    # sftpgate again with its connections in PROCESSES child processes (idle rows only).
+    gate_procs = Gate(bench, standin.url, name="gate-procs", sftp={"processes": PROCESSES})
     sshd = Sshd(bench)
     stock = AsyncsshTarget(bench)
     gate_target = GateTarget(gate)
-    targets: list[Target] = [gate_target, SshdTarget(sshd), stock]
+    procs_target = GateTarget(gate_procs, PROCS)
+    targets: list[Target] = [gate_target, SshdTarget(sshd), stock, procs_target]
     feeder = Feeder(gate)
     res = Results()
     gap = 0.0 if bench.quick else 3.0  # idle before each run (notes §1: page-cache effects)
@@ -563,10 +573,11 @@ def run(bench: Bench) -> Section:
         nonlocal runs
         order = targets if rep % 2 == 0 else targets[::-1]
         for target in order:
-            if mode == "busy" and target is stock:
+            if mode == "busy" and target in (stock, procs_target):
                 continue
             runs += 1
             gate_target.clean(wait=mode == "idle")
+            procs_target.clean(wait=True)
             time.sleep(gap)
             key = (mode, ds.name, label, cipher, target.name)
             try:
@@ -585,7 +596,7 @@ def run(bench: Bench) -> Section:
     try:
         for rep in range(bench.reps):
             for mode in ("idle", "busy"):
-                if multi_only and mode == "busy":
+                if (multi_only or bench.single_only) and mode == "busy":
                     continue
                 if mode == "busy":
                     fed_before = feeder.fed
@@ -596,7 +607,7 @@ def run(bench: Bench) -> Section:
                         if bench.quick and mode == "busy" and (client, cipher) != COMBOS[0]:
                             continue  # --quick: the busy mode is proven with one client
                         each_server(rep, mode, ds, client, client, cipher)
-                if mode == "idle":
+                if mode == "idle" and not bench.single_only:
                     for label, client, streams in MULTI:
                         each_server(rep, mode, photos, label, client, MULTI_CIPHER, streams)
                 if mode == "busy":
@@ -608,6 +619,7 @@ def run(bench: Bench) -> Section:
         stock.stop()
         sshd.stop()
         gate.stop()
+        gate_procs.stop()
         standin.stop()
         for ds in datasets:  # the data sets and their shares (shares()) share one folder
             shutil.rmtree(ds.src.parent, ignore_errors=True)
@@ -628,7 +640,7 @@ def _section(bench: Bench, datasets: list[Dataset], res: Results) -> Section:
         got = {
             (mode, server, attr): res.values((mode, ds.name, client, cipher, server), attr)
             for mode in ("idle", "busy")
-            for server in ("sftpgate", "OpenSSH", "asyncssh")
+            for server in ("sftpgate", "OpenSSH", "asyncssh", PROCS)
             for attr in ("mbps", "cpu_per_gb", "workers_cores")
         }
         busy_workers += got["busy", "sftpgate", "workers_cores"]
@@ -640,6 +652,7 @@ def _section(bench: Bench, datasets: list[Dataset], res: Results) -> Section:
         )
         g_busy, o_busy = got["busy", "sftpgate", "mbps"], got["busy", "OpenSSH", "mbps"]
         a_idle, a_cpu = got["idle", "asyncssh", "mbps"], got["idle", "asyncssh", "cpu_per_gb"]
+        p_idle, p_cpu = got["idle", PROCS, "mbps"], got["idle", PROCS, "cpu_per_gb"]
         cipher_label = cipher
         if client.startswith("rclone"):
             seen = res.samples.get(("idle", ds.name, client, cipher, "OpenSSH"), [])
@@ -664,6 +677,10 @@ def _section(bench: Bench, datasets: list[Dataset], res: Results) -> Section:
                 cell(a_cpu, 2, spread_too=False),
                 ratio(median(g_idle), median(a_idle)),
                 ratio(median(a_idle), median(o_idle)),
+                cell(p_idle),
+                cell(p_cpu, 2, spread_too=False),
+                ratio(median(p_idle), median(o_idle)),
+                ratio(median(p_idle), median(a_idle)),
             ]
         )
     header = [
@@ -684,6 +701,10 @@ def _section(bench: Bench, datasets: list[Dataset], res: Results) -> Section:
         "stock asyncssh CPU s/GB",
         "sftpgate / stock asyncssh",
         "stock asyncssh / OpenSSH",
+        f"sftpgate {PROCS_LABEL} MB/s",
+        f"sftpgate {PROCS_LABEL} CPU s/GB",
+        f"sftpgate {PROCS_LABEL} / OpenSSH",
+        f"sftpgate {PROCS_LABEL} / stock asyncssh",
     ]
     fed = bench.raw.get("ingest_feeder_jpegs", [])
     notes = [
@@ -695,7 +716,7 @@ def _section(bench: Bench, datasets: list[Dataset], res: Results) -> Section:
         f"{median(busy_workers):.2f} cores (median over runs) in the background (SCHED_IDLE); "
         "the OpenSSH busy runs share the machine with the same workers."
         if fed
-        else "Busy: not run (--multi-only).",
+        else "Busy: not run (--multi-only or --single-only).",
         "Stock asyncssh (idle only): asyncssh's own SFTPServer with sftpgate's SSH settings and "
         "protocol layer on uvloop, writing straight into a folder (no hashing, no fsync, no "
         "ledger); it honours `sftp -f`'s fsync@openssh.com. The ceiling of one Python event "
@@ -707,6 +728,10 @@ def _section(bench: Bench, datasets: list[Dataset], res: Results) -> Section:
         "all bytes over the wall time from the first client's start to the last one's end, "
         "CPU s/GB the server's CPU over all bytes (sshd: one set of processes per connection; "
         "sftpgate and stock asyncssh: every connection in one process).",
+        f"sftpgate {PROCS_LABEL} (idle only): the same service with `sftp.processes: "
+        f"{PROCESSES}`, every connection served by the least busy of its {PROCESSES} connection "
+        "processes, the service committing each CLOSE; CPU s/GB counts the service and its "
+        "connection processes.",
         "Not run: paramiko × chacha20 (paramiko has no chacha20-poly1305); rclone × chacha20 "
         "(rclone 1.60 has no cipher option).",
         f"Load average after the section: {loadavg()}.",
@@ -856,6 +881,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--multi-only", action="store_true", help="only several streams at once")
+    parser.add_argument("--single-only", action="store_true", help="only single streams, idle")
     parser.add_argument("--paramiko-client", metavar="JSON", help=argparse.SUPPRESS)
     parser.add_argument("--asyncssh-server", metavar="JSON", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -867,7 +893,12 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     from run import main as run_main
 
-    flags = [*(["--quick"] if args.quick else []), *(["--multi-only"] if args.multi_only else [])]
+    chosen = {
+        "--quick": args.quick,
+        "--multi-only": args.multi_only,
+        "--single-only": args.single_only,
+    }
+    flags = [flag for flag, on in chosen.items() if on]
     return run_main([*flags, "--only", "ingest"])
 
 

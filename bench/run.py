@@ -1,13 +1,13 @@
 """The benchmark, one command: `python bench/run.py [--quick] [--only SECTION] [--profile]
-[--multi-only]`.
+[--multi-only] [--single-only]`.
 
 Sections: ingest (bench/ingest.py), codecs (bench/codecs.py, when present), pipeline
 (bench/pipeline.py), memory (bench/memory.py), immich (bench/immich_copies.py), gil (bench/gil.py); `profile` (py-spy on the server during the big
 upload) runs with --profile or --only profile. Prints one header line (machine, versions, date,
 load) and ONE markdown table per section, and writes the same to bench/results/latest.md (raw
 samples: latest.json). --multi-only limits the ingest section to its several-streams-at-once
-rows. --quick (CI) uses small data and one repetition and finishes in about a
-minute; the full run takes about an hour on 2 cores. Everything runs on 127.0.0.1; every process
+rows, --single-only to its single-stream idle rows. --quick (CI) uses small data and one
+repetition and finishes in about a minute; the full run takes about an hour on 2 cores. Everything runs on 127.0.0.1; every process
 the benchmark starts is stopped by its PID, and its temp folder is removed.
 """
 
@@ -97,6 +97,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--multi-only", action="store_true", help="ingest: only the several-streams-at-once rows"
     )
+    parser.add_argument(
+        "--single-only", action="store_true", help="ingest: only the single-stream rows, idle"
+    )
     parser.add_argument("--reps", type=int, help="repetitions (default 3, --quick 1)")
     parser.add_argument(
         "--results", type=Path, default=BENCH / "results", help="where latest.md goes"
@@ -112,7 +115,12 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, _terminate)
     tmp = Path(tempfile.mkdtemp(prefix="sftpgate-bench-"))
     bench = Bench(
-        quick=args.quick, reps=reps, tmp=tmp, results=args.results, multi_only=args.multi_only
+        quick=args.quick,
+        reps=reps,
+        tmp=tmp,
+        results=args.results,
+        multi_only=args.multi_only,
+        single_only=args.single_only,
     )
     started = time.monotonic()
     header = machine_header()

@@ -81,6 +81,11 @@ class SftpConfig:
     proxy_protocol: tuple[str, ...] = ()
     # Addresses (CIDRs) whose failed logins are logged and counted but never lead to a ban.
     ban_allowlist: tuple[str, ...] = ()
+    # Processes that run the SSH connections (transport, SFTP, hashing, writes), each connection
+    # on the least busy one; the service itself then only accepts, commits finished uploads and
+    # runs the pipeline. 0: the connections run inside the service's own process. One Python
+    # process serves all its connections on one core, so several phones at once need several.
+    processes: int = 0
 
 
 @dataclass(frozen=True)
@@ -406,6 +411,7 @@ def _check_sftp(cfg: Config, problems: list[str]) -> None:
         "ban_seconds",
         "idle_timeout_seconds",
         "resume_keep_seconds",
+        "processes",
     ):
         if getattr(s, name) < 0:
             problems.append(f"sftp.{name}: must not be negative")

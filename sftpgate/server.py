@@ -31,6 +31,7 @@ from .logs import event
 from .metrics import Metrics, health_app
 from .notify import Notifier, Totals
 from .pipeline import Pipeline
+from .sftp.processes import ConnectionProcesses
 from .sftp.server import SftpGateway
 from .status import requeue_undone
 from .workers import CodecPool
@@ -73,7 +74,8 @@ class Service:
             self.control = ControlServer(self.layout.control, {"retry": self._retry})
             started.push_async_callback(self.control.stop)
             await self.control.start()
-            self.sftp = SftpGateway(cfg, self.layout, self.intake, self.metrics)
+            gateway = ConnectionProcesses if cfg.sftp.processes else SftpGateway
+            self.sftp = gateway(cfg, self.layout, self.intake, self.metrics)
             started.push_async_callback(self._stop_sftp)
             await self.sftp.start()
             if cfg.metrics.listen:

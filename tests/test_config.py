@@ -113,6 +113,10 @@ def test_default_value_syntax(tmp_path):
             lambda t: t.replace("listen: 0.0.0.0:2222", "listen: 0.0.0.0:2222\n  ciphers: [rot13]"),
             "sftp.ciphers[0]: unknown cipher 'rot13'",
         ),
+        (
+            lambda t: t.replace("listen: 0.0.0.0:2222", "listen: 0.0.0.0:2222\n  processes: -1"),
+            "sftp.processes: must not be negative",
+        ),
         (lambda t: t + "timezone: Mars/Olympus\n", "timezone: unknown time zone"),
         (lambda t: t.replace("0.0.0.0:9090", "nine"), "metrics.listen: expected HOST:PORT"),
     ],

@@ -45,6 +45,36 @@ async def test_delivered_files_keep_their_size_and_mtime_and_setstat_works(gate,
             await sftp.open("DCIM/IMG_1.jpg", "rb")
 
 
+async def test_a_setstat_meeting_the_file_as_it_leaves_watch_lands_on_the_ledger(
+    gate, corpus, monkeypatch
+):
+    """rclone sets the mtime by path right after CLOSE, while a worker may be moving the file
+    on (to Immich, or to undone/). The file goes at the worst instant here, just before its
+    times change, and the request still succeeds: the ledger keeps the time."""
+    import os
+
+    name = "IMG_9.jpg.partial"  # a temporary name: nothing takes it but the test
+    watched = gate.layout.watch / "phone" / name
+    real_utime = os.utime
+    taken: list[str] = []
+
+    def utime_as_the_file_leaves(target, *args, **kwargs):
+        if watched.exists():
+            os.replace(watched, watched.with_name("taken"))  # what a worker does
+            taken.append(name)
+        return real_utime(target, *args, **kwargs)
+
+    async with connect(gate) as conn, conn.start_sftp_client() as sftp:
+        await sftp.put(str(corpus / PHOTO), name)
+        monkeypatch.setattr(os, "utime", utime_as_the_file_leaves)
+        await sftp.setstat(name, asyncssh.SFTPAttrs(atime=MTIME, mtime=MTIME))
+        monkeypatch.undo()
+        assert taken == [name]
+        assert (await sftp.stat(name)).mtime == MTIME
+    row = await gate.db(lambda db: db.active_for_path("phone", name))
+    assert row is not None and row.mtime == MTIME
+
+
 async def test_remove_forgets_and_never_touches_immich(gate, standin, corpus):
     async with connect(gate) as conn, conn.start_sftp_client() as sftp:
         await deliver(gate, sftp, corpus, "IMG_2.jpg")

@@ -549,14 +549,14 @@ def rclone_args(port: int, key: Path) -> list[str]:
     ]  # fmt: skip
 
 
-async def test_rclone_copies_a_camera_folder_and_a_second_sync_sends_nothing(
-    gate, client_key, tmp_path
-):
+async def rclone_copy_twice(gate: Any, client_key: Path, tmp_path: Path) -> None:
+    """rclone copies a camera folder (four transfers at once, each on its own connection; the
+    mtime set by path after CLOSE), and a second copy finds it all there and sends nothing."""
     need("rclone")
     # 4,096- and 8,192-byte tails make rclone 1.60 send WRITE packets with trailing bytes.
     files = make_files(tmp_path / "DCIM", {"a.bin": 200_000 + 4096, "b.bin": 8192, "c.bin": 333})
     env = {**os.environ, "RCLONE_CONFIG": str(tmp_path / "none.conf")}
-    args = [need("rclone"), "copy", str(tmp_path / "DCIM"), ":sftp:Camera"]
+    args = [need("rclone"), "copy", "--transfers", "4", str(tmp_path / "DCIM"), ":sftp:Camera"]
     first = await run(*args, *rclone_args(gate.sftp.port, client_key), env=env)
     assert first.returncode == 0, first.stderr
     assert first.stderr.count("Copied (new)") == 3, first.stderr
@@ -570,6 +570,12 @@ async def test_rclone_copies_a_camera_folder_and_a_second_sync_sends_nothing(
     assert second.returncode == 0, second.stderr
     assert "Copied" not in second.stderr and "nothing to transfer" in second.stderr
     assert gate.metrics.received_files._value.get() == received
+
+
+async def test_rclone_copies_a_camera_folder_and_a_second_sync_sends_nothing(
+    gate, client_key, tmp_path
+):
+    await rclone_copy_twice(gate, client_key, tmp_path)
 
 
 async def test_lftp_mirror_uploads_and_a_second_mirror_sends_nothing(gate, client_key, tmp_path):

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import errno
 import functools
 import hashlib
@@ -31,7 +32,7 @@ import shutil
 import stat
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar, cast
@@ -203,84 +204,134 @@ class Part:
 
 
 class PartStore:
-    """Resumable parts: data_dir/.resume/<id>.part with <id>.json naming its user and path."""
+    """Resumable parts: data_dir/.resume/<key>.part with <key>.json naming its user and path.
+
+    The directory is the store, not this object's memory: every SFTP process (the service, or
+    each of its connection processes) sees the same parts, because a reconnecting client may
+    land on another process than the one that parked its upload. The key is derived from user
+    and path, so one path has at most one part, and `take` claims it with one rename, which only
+    one process can win. The running hash of a part parked here is kept in memory as a shortcut
+    for a resume on the same process; elsewhere the part is hashed again from its first byte.
+    """
 
     def __init__(self, directory: Path, keep_seconds: float) -> None:
         self.directory = directory
         self.keep_seconds = keep_seconds
-        self._parts: dict[tuple[str, str], Part] = {}
+        self._hashes: dict[tuple[str, str], tuple[tuple[Any, int], int]] = {}
+
+    def _key(self, user: str, path: str) -> Path:
+        digest = hashlib.sha256(f"{user}\0{path}".encode()).hexdigest()[:32]
+        return self.directory / f"{digest}.part"
 
     def load(self) -> None:
-        """Pick up the parts kept before a restart; drop expired and orphaned files."""
+        """At start: give parts kept under older names their key's name, and drop expired and
+        orphaned files (and claims a crash cut short)."""
         self.directory.mkdir(parents=True, exist_ok=True)
         for meta in sorted(self.directory.glob("*.json"), key=lambda p: p.stat().st_mtime):
             file = meta.with_suffix(".part")
-            try:
-                doc = json.loads(meta.read_text())
-                st = file.stat()
-                part = Part(
-                    doc["user"], doc["path"], file, st.st_size, st.st_mtime, doc.get("mtime"), None
-                )
-            except (OSError, ValueError, KeyError, TypeError):
+            doc = _read_meta(meta)
+            if doc is None or not file.is_file():
                 self._unlink(meta, file)
                 continue
-            self.discard(part.user, part.path)  # the newer of two for one path wins
-            self._parts[(part.user, part.path)] = part
-        known = {p.file for p in self._parts.values()}
+            target = self._key(doc["user"], doc["path"])
+            if target != file:  # the newer of two for one path wins (sorted by age)
+                os.replace(file, target)
+                os.replace(meta, target.with_suffix(".json"))
         for file in self.directory.glob("*.part"):
-            if file not in known:
+            if not file.with_suffix(".json").is_file():
                 file.unlink(missing_ok=True)
+        for claim in self.directory.glob("*.taking"):
+            claim.unlink(missing_ok=True)
         self.expire()
+
+    def _parts(self) -> Iterator[Part]:
+        for meta in self.directory.glob("*.json"):
+            if (part := self._read(meta.with_suffix(".part"))) is not None:
+                yield part
+
+    def _read(self, file: Path) -> Part | None:
+        doc = _read_meta(file.with_suffix(".json"))
+        try:
+            st = file.stat()
+        except OSError:
+            return None
+        if doc is None:
+            return None
+        user, path = doc["user"], doc["path"]
+        known = self._hashes.get((user, path))
+        sha1 = known[0] if known is not None and known[1] == st.st_size else None
+        return Part(user, path, file, st.st_size, st.st_mtime, doc.get("mtime"), sha1)
 
     def expire(self) -> None:
         cutoff = time.time() - self.keep_seconds
-        for key in [k for k, p in self._parts.items() if p.touched < cutoff]:
-            self.discard(*key)
+        for part in list(self._parts()):
+            if part.touched < cutoff:
+                self.discard(part.user, part.path)
 
     def park(self, upload: UploadFile, user: str) -> bool:
         """Keep the part of a cut-off upload; False when resuming is off or nothing arrived."""
         if self.keep_seconds <= 0 or upload.size == 0:
             return False
-        self.discard(user, upload.path)
         self.directory.mkdir(parents=True, exist_ok=True)
-        file = self.directory / f"{uuid.uuid4().hex}.part"
+        file = self._key(user, upload.path)
+        meta = file.with_suffix(".json")
+        # The names stay a pair at every instant another process may look: the old pair goes
+        # first, the metadata comes last.
+        self._unlink(meta, file)
         os.replace(upload.staged, file)
-        file.with_suffix(".json").write_text(
-            json.dumps({"user": user, "path": upload.path, "mtime": upload.mtime})
-        )
-        self._parts[(user, upload.path)] = Part(
-            user, upload.path, file, upload.size, time.time(), upload.mtime, upload.sha1_state()
-        )
+        tmp = meta.with_name(f".{meta.name}.{uuid.uuid4().hex}")
+        tmp.write_text(json.dumps({"user": user, "path": upload.path, "mtime": upload.mtime}))
+        os.replace(tmp, meta)
+        if (sha1 := upload.sha1_state()) is not None:
+            self._hashes[(user, upload.path)] = (sha1, upload.size)
         return True
 
     def get(self, user: str, path: str) -> Part | None:
-        return self._parts.get((user, path))
+        return self._read(self._key(user, path))
 
     def take(self, user: str, path: str) -> Part | None:
         """Remove the part from the store for continuing it; the caller now owns its file."""
-        part = self._parts.pop((user, path), None)
-        if part is not None:
-            part.file.with_suffix(".json").unlink(missing_ok=True)
-        return part
+        part = self.get(user, path)
+        if part is None:
+            return None
+        claim = part.file.with_name(f"{part.file.stem}.{uuid.uuid4().hex}.taking")
+        try:
+            os.rename(part.file, claim)  # of two processes taking one part, one wins
+        except FileNotFoundError:
+            return None
+        part.file.with_suffix(".json").unlink(missing_ok=True)
+        self._hashes.pop((user, path), None)
+        return dataclasses.replace(part, file=claim)
 
     def discard(self, user: str, path: str) -> bool:
-        part = self._parts.pop((user, path), None)
-        if part is None:
-            return False
-        self._unlink(part.file.with_suffix(".json"), part.file)
-        return True
+        file = self._key(user, path)
+        self._hashes.pop((user, path), None)
+        existed = file.is_file()
+        self._unlink(file.with_suffix(".json"), file)
+        return existed
 
     def in_dir(self, user: str, directory: str) -> dict[str, Part]:
         return {
             posixpath.basename(p.path): p
-            for (u, _), p in self._parts.items()
-            if u == user and posixpath.dirname(p.path) == directory
+            for p in self._parts()
+            if p.user == user and posixpath.dirname(p.path) == directory
         }
 
     @staticmethod
     def _unlink(*files: Path) -> None:
         for f in files:
             f.unlink(missing_ok=True)
+
+
+def _read_meta(meta: Path) -> dict[str, Any] | None:
+    """A part's metadata, or None when it is gone or unreadable."""
+    try:
+        doc = json.loads(meta.read_text())
+    except (OSError, ValueError):
+        return None
+    if not (isinstance(doc, dict) and isinstance(doc.get("user"), str)):
+        return None
+    return doc if isinstance(doc.get("path"), str) else None
 
 
 _Method = TypeVar("_Method", bound=Callable[..., Any])
@@ -613,9 +664,20 @@ class GateSFTPServer(asyncssh.SFTPServer):
             if attrs.mtime is not None:
                 part.mtime = float(attrs.mtime)
             return
-        if local.exists():
-            _apply_attrs(str(local), local.stat(), attrs)
-            if attrs.mtime is not None and local.is_file():
+        # A file in watch/ may leave at any instant (a worker delivers it, or moves it to
+        # undone/), so it is changed through a descriptor: once open, what it names stays, and a
+        # file gone before the open is the ledger's to answer for.
+        try:
+            fd = os.open(local, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        except (FileNotFoundError, NotADirectoryError):
+            fd = None
+        if fd is not None:
+            try:
+                st = os.fstat(fd)
+                _apply_attrs(fd, st, attrs)
+            finally:
+                os.close(fd)
+            if attrs.mtime is not None and stat.S_ISREG(st.st_mode):
                 await self.intake.set_mtime(self.user, rel, float(attrs.mtime))
             return
         if attrs.mtime is not None and await self.intake.set_mtime(
@@ -632,11 +694,15 @@ class GateSFTPServer(asyncssh.SFTPServer):
     async def remove(self, path: bytes) -> None:
         rel, local = self._local(path)
         dropped = self.parts.discard(self.user, rel)  # rclone removes what failed to upload
-        if local.is_file():
-            local.unlink()
-            await self.intake.removed(self.user, rel)
-            await self.intake.forget(self.user, rel)
-            return
+        if not local.is_dir():
+            try:
+                local.unlink()
+            except (FileNotFoundError, NotADirectoryError):
+                pass  # not in watch/, or a worker took it just now: the ledger's to answer
+            else:
+                await self.intake.removed(self.user, rel)
+                await self.intake.forget(self.user, rel)
+                return
         if await self.intake.forget(self.user, rel) or dropped:
             return
         raise asyncssh.SFTPNoSuchFile("No such file")
@@ -677,8 +743,11 @@ class GateSFTPServer(asyncssh.SFTPServer):
                 raise asyncssh.SFTPNoSuchFile("No such folder")
             # Rename onto an existing name replaces it, as posix-rename does: sync apps upload
             # under a temporary name and rename over the old file.
-            await self.intake.rename(self.user, old_rel, new_rel)
-            return
+            try:
+                await self.intake.rename(self.user, old_rel, new_rel)
+                return
+            except FileNotFoundError:
+                pass  # a worker took it on just now: it is a remembered file
         if await self.intake.remembered(self.user, old_rel):
             await self.intake.rename_remembered(self.user, old_rel, new_rel)
             return

@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import re
+import socket
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -203,12 +204,84 @@ class _CarriedTransport:
         return getattr(self._inner, name)
 
 
-class _HeaderFront(asyncio.Protocol):
-    """Sits on one accepted socket until the PROXY question is settled, then hands it over."""
+def _timed_out_reason(received: int) -> str:
+    return (
+        f"no complete PROXY header within {HEADER_TIMEOUT_SECONDS:g} s ({received} bytes received)"
+    )
 
-    def __init__(self, start_ssh: Callable[[], asyncio.Protocol], trusted: Networks) -> None:
+
+def _truncated_reason(received: int) -> str:
+    return f"truncated PROXY header: the connection closed after {received} bytes"
+
+
+def _log_refusal(peer: str, reason: str) -> None:
+    event("connection refused", level=30, address=peer, reason=reason)
+
+
+def carried_client(header: ProxyHeader, proxy: str) -> tuple[str, int] | None:
+    """The client a header from `proxy` names, if it names one (logged at debug level)."""
+    if header.source is not None:
+        event("proxied connection", level=10, address=header.source[0], proxy=proxy)
+    return header.source
+
+
+def _settle(future: asyncio.Future[None]) -> None:
+    if not future.done():
+        future.set_result(None)
+
+
+async def read_header(sock: socket.socket, peer: str) -> ProxyHeader | None:
+    """Read the PROXY header of a connection from a listed proxy off its (non-blocking) socket,
+    and not one byte more, so the SSH stream can go on elsewhere (a connection process).
+
+    None when the connection is refused (logged as `HeaderFront` logs it) or closed.
+    """
+    loop = asyncio.get_running_loop()
+    taken = b""  # every byte read so far belongs to the header: it is incomplete
+    try:
+        async with asyncio.timeout(HEADER_TIMEOUT_SECONDS):
+            while True:
+                readable: asyncio.Future[None] = loop.create_future()
+                loop.add_reader(sock.fileno(), _settle, readable)
+                try:
+                    await readable
+                finally:
+                    loop.remove_reader(sock.fileno())
+                seen = sock.recv(V2_FIXED_BYTES + V2_MAX_BLOCK, socket.MSG_PEEK)
+                if not seen:  # a listed proxy hanging up without a byte: a health check
+                    if taken:
+                        _log_refusal(peer, _truncated_reason(len(taken)))
+                    return None
+                header = parse_header(taken + seen)
+                if header is not None:
+                    sock.recv(header.length - len(taken))  # already here: returns them all
+                    return header
+                taken += sock.recv(len(seen))
+    except TimeoutError:
+        _log_refusal(peer, _timed_out_reason(len(taken)))
+    except ProxyHeaderError as exc:
+        _log_refusal(peer, str(exc))
+    except OSError:  # reset by the peer
+        pass
+    return None
+
+
+class HeaderFront(asyncio.Protocol):
+    """Sits on one accepted socket until the PROXY question is settled, then hands it over.
+
+    `carried`: the client a header read elsewhere named (`read_header`, in the process that
+    accepted the socket): SSH starts at once, with that client as its peer.
+    """
+
+    def __init__(
+        self,
+        start_ssh: Callable[[], asyncio.Protocol],
+        trusted: Networks,
+        carried: tuple[str, int] | None = None,
+    ) -> None:
         self._start_ssh = start_ssh
         self._trusted = trusted
+        self._carried = carried
         self._buffer = b""
         self._transport: asyncio.Transport | None = None
         self._ssh: asyncio.Protocol | None = None
@@ -220,6 +293,11 @@ class _HeaderFront(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         assert isinstance(transport, asyncio.Transport)
         self._transport = transport
+        if self._carried is not None:
+            self._ssh = self._start_ssh()
+            self._ssh.connection_made(_CarriedTransport(transport, self._carried))
+            self._pass_on(b"")
+            return
         peer = transport.get_extra_info("peername")
         self._peer = str(peer[0]) if peer else "?"
         self._expect_header = self._peer in self._trusted
@@ -256,9 +334,8 @@ class _HeaderFront(asyncio.Protocol):
         if self._timer is not None:
             self._timer.cancel()
         transport: Any = self._transport
-        if header.source is not None:
-            transport = _CarriedTransport(self._transport, header.source)
-            event("proxied connection", level=10, address=header.source[0], proxy=self._peer)
+        if (client := carried_client(header, self._peer)) is not None:
+            transport = _CarriedTransport(self._transport, client)
         self._ssh = self._start_ssh()
         self._ssh.connection_made(transport)
         self._pass_on(self._buffer[header.length :])
@@ -276,15 +353,12 @@ class _HeaderFront(asyncio.Protocol):
         self._done = True
         if self._timer is not None:
             self._timer.cancel()
-        event("connection refused", level=30, address=self._peer, reason=reason)
+        _log_refusal(self._peer, reason)
         self._transport.abort()
 
     def _timed_out(self) -> None:
         if not self._done:
-            self._refuse(
-                f"no complete PROXY header within {HEADER_TIMEOUT_SECONDS:g} s"
-                f" ({len(self._buffer)} bytes received)"
-            )
+            self._refuse(_timed_out_reason(len(self._buffer)))
 
     def eof_received(self) -> bool | None:
         return None  # close: without the header settled there is nothing to answer
@@ -294,12 +368,7 @@ class _HeaderFront(asyncio.Protocol):
             self._timer.cancel()
         # A listed proxy that connects and hangs up without a byte is a health check: no line.
         if not self._done and self._expect_header and self._buffer:
-            event(
-                "connection refused",
-                level=30,
-                address=self._peer,
-                reason=f"truncated PROXY header: the connection closed after {len(self._buffer)} bytes",
-            )
+            _log_refusal(self._peer, _truncated_reason(len(self._buffer)))
         self._done = True
         if self._ssh is not None:
             self._ssh.connection_lost(exc)
@@ -317,7 +386,7 @@ class ProxyHeaderListener:
     ) -> asyncio.Server:
         loop = asyncio.get_running_loop()
         return await loop.create_server(
-            lambda: _HeaderFront(lambda: session_factory("", 0), self.trusted),
+            lambda: HeaderFront(lambda: session_factory("", 0), self.trusted),
             listen_host,
             listen_port,
             backlog=100,  # asyncssh.listen's own default

@@ -153,7 +153,7 @@ class _SftpSession(SSHServerStreamSession):
         super().connection_lost(exc)
         if not self._released:
             self._released = True
-            self._owner.gate.sessions[self._user] -= 1
+            self._owner.gate.session_changed(self._user, -1)
 
 
 class GateSSHServer(asyncssh.SSHServer):
@@ -229,10 +229,10 @@ class GateSSHServer(asyncssh.SSHServer):
         # asyncssh: the session limit is checked here, where refusing is a clean channel error.
         if self.user is None:
             return False
-        if self.gate.sessions[self.user] >= self.gate.sftp.max_sessions_per_user:
+        if self.gate.sessions_of(self.user) >= self.gate.sftp.max_sessions_per_user:
             event("session refused", level=30, user=self.user, reason="too many sessions")
             return False
-        self.gate.sessions[self.user] += 1
+        self.gate.session_changed(self.user, 1)
         return _SftpSession(self, self.user)
 
     def touch(self) -> None:
@@ -311,6 +311,13 @@ class SftpGateway:
     def connections(self) -> int:
         return len(self.live)
 
+    def sessions_of(self, user: str) -> int:
+        """The SFTP sessions `user` has open, for the per-user limit."""
+        return self.sessions[user]
+
+    def session_changed(self, user: str, delta: int) -> None:
+        self.sessions[user] += delta
+
     def new_sftp_server(self, chan: Any, owner: GateSSHServer) -> GateSFTPServer:
         server = GateSFTPServer(
             chan,
@@ -323,31 +330,40 @@ class SftpGateway:
         self._sftp_servers.add(server)
         return server
 
-    async def start(self) -> None:
+    def prepare(self) -> None:
+        """What every process serving connections needs before the first one."""
         protocol.install(self.sftp.max_write_bytes)
         for user in self.sftp.users:
             for folder in user.folders:
                 (self.layout.user_root(user.name) / folder).mkdir(parents=True, exist_ok=True)
+
+    def server_options(self) -> dict[str, Any]:
+        """asyncssh's options for one connection, listening here or in a connection process."""
+        return {
+            "server_host_keys": ensure_host_keys(self.config.path(self.sftp.host_keys_dir)),
+            "allow_scp": False,
+            "agent_forwarding": False,
+            "x11_forwarding": False,
+            "allow_pty": False,
+            "login_timeout": self.sftp.login_timeout_seconds,
+            "encryption_algs": self.sftp.ciphers,  # empty: asyncssh's defaults
+            # Larger SSH packets and window help the clients that use them.
+            "max_pktsize": 256 * 1024,
+            "window": 8 * 1024 * 1024,
+        }
+
+    async def start(self) -> None:
+        self.prepare()
         self.parts.load()
         host, port = parse_listen(self.sftp.listen)
-        host_keys = ensure_host_keys(self.config.path(self.sftp.host_keys_dir))
         proxies = Networks(self.sftp.proxy_protocol)
         self._server = await asyncssh.listen(
             host,
             port,
             # Through the listener that reads PROXY headers first, when proxies are configured.
             tunnel=ProxyHeaderListener(proxies) if proxies else (),
-            server_host_keys=host_keys,
             server_factory=lambda: GateSSHServer(self),
-            allow_scp=False,
-            agent_forwarding=False,
-            x11_forwarding=False,
-            allow_pty=False,
-            login_timeout=self.sftp.login_timeout_seconds,
-            encryption_algs=self.sftp.ciphers,  # empty: asyncssh's defaults
-            # Larger SSH packets and window help the clients that use them.
-            max_pktsize=256 * 1024,
-            window=8 * 1024 * 1024,
+            **self.server_options(),
         )
 
     @property
@@ -359,9 +375,8 @@ class SftpGateway:
         """Stop listening, close every connection and wait at most `timeout` seconds for them to
         end and for their sessions to finish or park their uploads. asyncssh's wait_closed alone
         does not end connections, and may wait for them for ever."""
-        if self._server is None:
-            return
-        self._server.close()
+        if self._server is not None:
+            self._server.close()
         connections, sessions = list(self.live), list(self._sftp_servers)
         for connection in connections:
             connection.close()
@@ -369,7 +384,8 @@ class SftpGateway:
         try:
             async with asyncio.timeout(timeout):
                 await asyncio.gather(*waits)
-                await self._server.wait_closed()
+                if self._server is not None:
+                    await self._server.wait_closed()
         except TimeoutError:
             event(
                 "sftp stop timed out",
