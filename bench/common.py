@@ -59,8 +59,8 @@ class Bench:
     results: Path
     procs: list[subprocess.Popen[bytes]] = field(default_factory=list)
     raw: dict[str, Any] = field(default_factory=dict)
-    # Ingest: only the several-streams-at-once rows (run.py --multi-only), to re-measure them
-    # without the single-stream and busy rows.
+    # Ingest: only the several-streams-at-once rows (run.py --multi-only), idle and busy, to
+    # re-measure them without the single-stream rows.
     multi_only: bool = False
     # Ingest: only the single-stream rows, idle (run.py --single-only): no feeder converting,
     # no several-streams rows.

@@ -6,7 +6,7 @@ Sections: ingest (bench/ingest.py), codecs (bench/codecs.py, when present), pipe
 upload) runs with --profile or --only profile. Prints one header line (machine, versions, date,
 load) and ONE markdown table per section, and writes the same to bench/results/latest.md (raw
 samples: latest.json). --multi-only limits the ingest section to its several-streams-at-once
-rows, --single-only to its single-stream idle rows. --quick (CI) uses small data and one
+rows (idle and busy), --single-only to its single-stream idle rows. --quick (CI) uses small data and one
 repetition and finishes in about a minute; the full run takes about an hour on 2 cores. Everything runs on 127.0.0.1; every process
 the benchmark starts is stopped by its PID, and its temp folder is removed.
 """

@@ -6,6 +6,7 @@ import contextlib
 import csv
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -25,6 +26,14 @@ def corpus() -> Path:
 def manifest(corpus: Path) -> dict[str, dict[str, str]]:
     with (corpus / "MANIFEST.tsv").open(newline="") as f:
         return {row["file"]: row for row in csv.DictReader(f, delimiter="\t")}
+
+
+def pytest_asyncio_loop_factories(config: pytest.Config, item: pytest.Item) -> dict[str, Any]:
+    """The loop the service runs on (`sftpgate serve` uses uvloop): its transports are not
+    asyncio's classes, and code that assumes they are fails only there."""
+    import uvloop
+
+    return {"uvloop": uvloop.new_event_loop}
 
 
 # -- a running sftpgate beside a stand-in Immich, both in this test's event loop ----------------

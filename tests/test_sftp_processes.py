@@ -9,6 +9,7 @@ parks what was under way, and a killed process is replaced without losing or dou
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import signal
 from pathlib import Path
@@ -26,6 +27,7 @@ from .test_sftp_clients import (
     sftp_batch,
     sha1,
 )
+from .test_sftp_proxy import logged, login, refusals, refused_raw, relay, v1, v2
 
 TWO = {"processes": 2}
 
@@ -246,3 +248,46 @@ async def test_connection_processes_end_with_a_killed_service(
             # Their socket to the service ends: they close their connections and exit.
             await eventually(lambda: not any(alive(p) for p in children), what="children gone")
             await asyncio.wait_for(conn.wait_closed(), 10)
+
+
+async def test_behind_a_proxy_the_header_names_the_client_and_bad_headers_are_refused(
+    tmp_path: Path, standin: Any, host_keys_dir: Path, client_key: Path, caplog: Any
+) -> None:
+    caplog.set_level(logging.INFO, logger="sftpgate")
+    sftp = {
+        **TWO,
+        "proxy_protocol": ["127.0.0.1/32"],
+        "ban_after_failures": 2,
+        "ban_seconds": 600,
+        "failed_login_delay_seconds": 0.05,
+    }
+    async with started_gate(tmp_path, standin, host_keys_dir, client_key, sftp=sftp) as gate:
+        port = gate.sftp.port
+        async with (
+            relay(port, v1("203.0.113.7")) as (guesser, _),
+            relay(port, v2("2001:db8::9")) as (phone, _),
+        ):
+            await login(phone)
+            for _ in range(2):
+                with pytest.raises(asyncssh.PermissionDenied):
+                    await login(guesser, password="guess")
+            await eventually(
+                lambda: gauge(gate, "sftp_auth_failures") == 2, what="both failures counted"
+            )
+            with pytest.raises((asyncssh.Error, OSError)):
+                await login(guesser)  # banned by the address in its header...
+            assert {"address": "203.0.113.7", "reason": "too many failed logins"} in logged(
+                caplog, "login refused"
+            )
+            await login(phone)  # ...while another phone behind the same proxy is not
+        # A malformed header is refused by the service, which goes on serving.
+        await refused_raw(port, b"PROXY TCP4 203.0.113.7 127.0.0.1 50000\r\n")
+        await eventually(lambda: refusals(caplog), what="the refusal's log line")
+        (line,) = refusals(caplog)
+        assert line["address"] == "127.0.0.1" and "malformed PROXY v1 header" in line["reason"]
+        # A header from an address that is not a proxy is refused by the connection process;
+        # plain SSH from there is served.
+        async with relay(port, v1("198.51.100.4"), bind="127.0.0.2") as (spoofer, _):
+            with pytest.raises((asyncssh.Error, OSError)):
+                await login(spoofer)
+        await login(port, local_addr=("127.0.0.4", 0))

@@ -24,7 +24,7 @@ import re
 import socket
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 from ..logs import event
 from ..networks import Networks
@@ -291,11 +291,11 @@ class HeaderFront(asyncio.Protocol):
         self._timer: asyncio.TimerHandle | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self._transport = transport
+        # uvloop's transports are not subclasses of asyncio's, only alike: no isinstance here
+        stream = self._transport = cast(asyncio.Transport, transport)
         if self._carried is not None:
             self._ssh = self._start_ssh()
-            self._ssh.connection_made(_CarriedTransport(transport, self._carried))
+            self._ssh.connection_made(_CarriedTransport(stream, self._carried))
             self._pass_on(b"")
             return
         peer = transport.get_extra_info("peername")
