@@ -568,14 +568,22 @@ def run(bench: Bench) -> Section:
     runs = 0
 
     def each_server(
-        rep: int, mode: str, ds: Dataset, label: str, client: str, cipher: str, streams: int = 1
+        rep: int,
+        mode: str,
+        ds: Dataset,
+        label: str,
+        client: str,
+        cipher: str,
+        streams: int = 1,
+        several: bool = False,
     ) -> None:
         """One upload into every server in turn (the order alternates per rep); `label` is the
-        row's client column, `client` what run_client runs, `streams` how many at once."""
+        row's client column, `client` what run_client runs, `streams` how many client processes
+        at once, `several` whether it is a several-streams row (rclone's is one process)."""
         nonlocal runs
         order = targets if rep % 2 == 0 else targets[::-1]
         for target in order:
-            if mode == "busy" and (target is stock or (target is procs_target and streams == 1)):
+            if mode == "busy" and (target is stock or (target is procs_target and not several)):
                 continue
             runs += 1
             gate_target.clean(wait=mode == "idle")
@@ -611,7 +619,9 @@ def run(bench: Bench) -> Section:
                         each_server(rep, mode, ds, client, client, cipher)
                 if not bench.single_only and not (bench.quick and mode == "busy"):
                     for label, client, streams in MULTI:
-                        each_server(rep, mode, photos, label, client, MULTI_CIPHER, streams)
+                        each_server(
+                            rep, mode, photos, label, client, MULTI_CIPHER, streams, several=True
+                        )
                 if mode == "busy":
                     feeder.stop_and_drain()
                     bench.raw.setdefault("ingest_feeder_jpegs", []).append(feeder.fed - fed_before)
