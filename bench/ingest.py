@@ -8,9 +8,11 @@ sftpgate is from it is sftpgate's own cost; how far it is from OpenSSH is asyncs
 
 Data sets: one big file (1 GiB; --quick: 48 MiB) and many photo-sized files (200 × 5 MiB;
 --quick: 12 × 5 MiB) of random bytes, written once to a temp dir. Clients: OpenSSH `sftp -b`,
-rclone (`:sftp:` remote on the command line), paramiko (in its own process; it times connect →
-close itself). The cipher is forced on the client side; paramiko has no chacha20-poly1305 and
-rclone 1.60 cannot be told a cipher (it picks aes128-gcm), so those pairs are not run.
+rclone (`:sftp:` remote on the command line; `--transfers 1` in the single-stream rows, since by
+default it copies four files at once, each over a connection of its own), paramiko (in its own
+process; it times connect → close itself). The cipher is forced on the client side; paramiko has
+no chacha20-poly1305 and rclone 1.60 cannot be told a cipher (it picks aes128-gcm), so those pairs
+are not run.
 
 Per run: MB/s (10^6 payload bytes per second) and server CPU seconds per GB (utime+stime of the
 server process, all threads, plus reaped children: for sshd the per-connection transport and
@@ -97,6 +99,9 @@ COMBOS = [
     ("paramiko", "aes128-gcm"),
     ("rclone", "aes128-gcm"),
 ]
+# What run_client runs for a single-stream row's client: rclone copies `--transfers` files at once,
+# each over its own SSH connection (4 by default), so one stream is one transfer.
+ONE_STREAM = {"rclone": "rclone --transfers 1"}
 # Several streams at once: (row label, client as run_client knows it, client processes at once).
 # rclone is one process that opens one connection per transfer (4 is also its default).
 MULTI = [
@@ -616,7 +621,7 @@ def run(bench: Bench) -> Section:
                     for client, cipher in COMBOS:
                         if bench.quick and mode == "busy" and (client, cipher) != COMBOS[0]:
                             continue  # --quick: the busy mode is proven with one client
-                        each_server(rep, mode, ds, client, client, cipher)
+                        each_server(rep, mode, ds, client, ONE_STREAM.get(client, client), cipher)
                 if not bench.single_only and not (bench.quick and mode == "busy"):
                     for label, client, streams in MULTI:
                         each_server(
@@ -744,7 +749,11 @@ def _section(bench: Bench, datasets: list[Dataset], res: Results) -> Section:
         "quarter each; rclone: one process, one connection per transfer), all at once; MB/s is "
         "all bytes over the wall time from the first client's start to the last one's end, "
         "CPU s/GB the server's CPU over all bytes (sshd: one set of processes per connection; "
-        "sftpgate and stock asyncssh: every connection in one process).",
+        "sftpgate and stock asyncssh: every connection in one process)."
+        if not bench.single_only
+        else "Several streams at once: not run (--single-only).",
+        "Single-stream rows: rclone runs with `--transfers 1` (by default it copies four files "
+        "at once, each over a connection of its own).",
         f"sftpgate {PROCS_LABEL} (idle, and busy in the several-streams rows): the same service "
         f"with `sftp.processes: {PROCESSES}`, every connection served by the least busy of its "
         f"{PROCESSES} connection processes, the service committing each CLOSE; CPU s/GB counts "
